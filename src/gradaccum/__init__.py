@@ -1,0 +1,8 @@
+"""gradaccum: exact gradient accumulation for PyTorch."""
+
+from gradaccum import losses
+from gradaccum.accumulator import Accumulator, AccumulatorStateError, StepResult
+from gradaccum.batching import split
+
+__all__ = ["Accumulator", "AccumulatorStateError", "StepResult", "losses", "split"]
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from gradaccum.cli import main
+
+raise SystemExit(main())
