@@ -1,12 +1,232 @@
-"""Command-line front end (placeholder until the train command lands)."""
+"""Command-line front end: ``gradaccum train | plan | bench`` (``python -m gradaccum`` too).
+
+Exit codes: 0 done, 2 bad input (one line naming the flag or file), 1 anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gradaccum import sync
+
+DEFAULT_OUT = "runs/gradaccum"
+DEFAULT_STEPS = 300
+DEFAULT_LR = 3e-3
+DEFAULT_MICRO_CAP = 16  # default micro-batch: the largest divisor of the per-rank batch up to this
+TASK_SIZE = 20_000  # generated examples in the default task (several epochs over a default run)
+
+
+class BadInput(Exception):
+    """Bad flags, files or configs: exit code 2 with a one-line message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints usage plus the error; we promise one line.
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _micro(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
+def _lr(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _size(text: str) -> int:
+    from gradaccum.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gradaccum", description="Exact gradient accumulation for PyTorch.")
+    sub = p.add_subparsers(dest="command", metavar="{train,plan,bench}", parser_class=_Parser)
+    t = sub.add_parser("train", help="train the built-in demo (or --data FILE) with accumulation")
+    _add_common(t)
+    t.add_argument("--micro-batch", type=_micro, default=None, metavar="N|auto",
+                   help="examples per forward/backward (default: largest divisor <= 16; auto: plan it)")
+    t.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="optimizer steps")
+    t.add_argument("--lr", type=_lr, default=DEFAULT_LR, help="peak learning rate (AdamW)")
+    t.add_argument("--seed", type=_non_negative_int, default=0, help="seeds data order and init")
+    t.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    t.add_argument("--checkpoint-every", type=_non_negative_int, default=50, metavar="N",
+                   help="save a checkpoint every N steps (0: only at the end)")
+    pl = sub.add_parser("plan", help="choose the micro-batch that fits a memory budget")
+    _add_common(pl)
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    b = sub.add_parser("bench", help="throughput of each micro-batch that fits")
+    _add_common(b)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--out", default=None, help="directory for bench.png (default: none)")
+    return p
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--effective-batch", type=_positive_int, default=128, metavar="N",
+                   help="examples per optimizer step over all ranks (default 128)")
+    p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="bytes available, e.g. 2GiB, 500MB (default: free device memory)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="UTF-8 text file, one example per non-empty line (character level)")
+
+
+@dataclass
+class Workload:
+    """Model, data and loss for a command: the demo task, or --data FILE."""
+
+    model: Any
+    dataset: list[Any]
+    loss_fn: Any
+    collate_fn: Any
+    extra_state: dict[str, Any]
+
+
+def load_workload(data: str | None, seed: int) -> Workload:
+    from gradaccum import demo
+
+    if data is None:
+        examples, tok, max_len = demo.make_examples(TASK_SIZE, seed), demo.TASK_TOKENIZER, demo.TASK_MAX_LEN
+        extra = {"task": "demo", "vocab": "".join(tok.alphabet)}
+    else:
+        try:
+            examples, tok = demo.load_text_examples(data)
+        except demo.TextFileError as e:
+            raise BadInput(str(e)) from None
+        max_len = max(len(ids) for ids, _ in examples)
+        extra = {"task": "text", "vocab": "".join(tok.alphabet)}
+    model = demo.build_model(tok.vocab_size, max_len, seed=seed)
+    extra["max_len"] = max_len
+    return Workload(model, examples, demo.loss_fn, demo.collate, extra)
+
+
+def default_micro_batch(per_rank: int, cap: int = DEFAULT_MICRO_CAP) -> int:
+    return max(d for d in range(1, min(per_rank, cap) + 1) if per_rank % d == 0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gradaccum.checkpoint import CheckpointError
+    from gradaccum.trainer import CHECKPOINT, Trainer
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    if args.resume and not (out / CHECKPOINT).is_file():
+        raise BadInput(f"--resume: no checkpoint at {out / CHECKPOINT}")
+    world = sync.world_size()
+    if args.effective_batch % world:
+        raise BadInput(f"--effective-batch {args.effective_batch} is not divisible by the world size {world}")
+    work = load_workload(args.data, args.seed)
+    micro = args.micro_batch
+    if micro == "auto":
+        micro = _auto_micro_batch(args, work)
+    elif micro is None:
+        micro = default_micro_batch(args.effective_batch // world)
+    try:
+        trainer = Trainer(
+            model=work.model,
+            dataset=work.dataset,
+            loss_fn=work.loss_fn,
+            collate_fn=work.collate_fn,
+            effective_batch=args.effective_batch,
+            micro_batch=micro,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
+            scheduler_factory=lambda opt: warmup_cosine(opt, args.steps),
+            out_dir=out,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            extra_state=work.extra_state,
+        )
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    try:
+        summary = trainer.fit()
+    except CheckpointError as e:
+        raise BadInput(str(e)) from None
+    if sync.rank() == 0:
+        print(
+            f"gradaccum: done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} "
+            f"in {summary['elapsed_s']:.1f}s; outputs in {out}",
+            flush=True,
+        )
+    return 0
+
+
+def warmup_cosine(optimizer: Any, steps: int, warmup: int | None = None, floor: float = 0.1) -> Any:
+    """Linear warm-up then cosine decay to ``floor`` x the peak lr, one tick per optimizer step."""
+    import torch
+
+    warm = warmup if warmup is not None else max(1, min(20, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, steps - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _auto_micro_batch(args: argparse.Namespace, work: Workload) -> int:
+    raise BadInput("--micro-batch auto: the memory planner is not available yet")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradaccum", description=__doc__)
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"train": cmd_train}
+    from gradaccum import distributed
+
+    try:
+        distributed.setup_from_env()
+        return handlers[args.command](args)
+    except BadInput as e:
+        print(f"gradaccum {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradaccum: interrupted", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()

@@ -25,6 +25,10 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
 def is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 

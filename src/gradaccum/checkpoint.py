@@ -1,0 +1,78 @@
+"""Atomic save and safe load of training checkpoints.
+
+Saves go to a temporary file in the same directory, are fsynced, then renamed over
+the target: a kill at any moment leaves either the old checkpoint or the new one.
+Loads use ``weights_only=True``, so a file that would run code when unpickled is
+refused, never executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, unsafe or not gradaccum's."""
+
+
+def atomic_write_bytes(path: str | Path, write: Any) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable.
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(obj: dict[str, Any], path: str | Path) -> None:
+    """Atomically ``torch.save`` ``obj`` to ``path``."""
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; CheckpointError if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: not a plain weights file (it would run code when unpickled)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({reason[:120]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != "gradaccum" or not set(required) <= set(obj):
+        raise CheckpointError(f"{path}: not a gradaccum checkpoint")
+    return obj
+
