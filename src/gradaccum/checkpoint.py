@@ -47,6 +47,14 @@ def atomic_write_bytes(path: str | Path, write: Any) -> None:
             os.close(dfd)
 
 
+def remove_stale_temps(folder: str | Path, names: tuple[str, ...]) -> None:
+    """Delete temp files that a kill in the middle of ``atomic_write_bytes`` left behind."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -134,6 +134,7 @@ class Trainer:
             start, elapsed_before = self._restore(out / CHECKPOINT, opt, sched, acc)
         if writes:
             out.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temps(out, (CHECKPOINT, METRICS, SUMMARY, PLOT))
             _keep_metrics_upto(out / METRICS, start)
         self._announce(out)
         bar = self._progress_bar(start)
