@@ -147,3 +147,39 @@ def test_plot_handles_empty_and_skipped_rows(tmp_path):
     ]
     plot_losses(rows, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_injected_oom_replays_the_window_with_a_smaller_micro_batch(tmp_path, capsys):
+    """OOM on the 2nd micro-batch of step 1 (after one backward already accumulated) at
+    micro-batch 8: the window is dropped and replayed at micro-batch 4; the run then
+    equals, bitwise, a run that used micro-batch 4 from the start."""
+    ref = _trainer(micro=4, steps=4)
+    ref.fit()
+    t = _trainer(micro=8, steps=4)
+    real = t.loss_fn
+    seen = []
+
+    def flaky(model, batch):
+        seen.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > 4 and len(seen) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, batch)
+
+    t.loss_fn = flaky
+    t.fit()
+    assert seen[:2] == [8, 8] and set(seen[2:]) == {4}
+    assert t.micro_batch == 4 and t.accum_steps == 4
+    assert "replaying step 1 with micro-batch 4" in capsys.readouterr().err
+    for a, b in zip(ref.model.parameters(), t.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_oom_at_micro_batch_one_is_an_error():
+    t = _trainer(micro=1, steps=1)
+
+    def always_oom(model, batch):
+        raise torch.cuda.OutOfMemoryError("injected")
+
+    t.loss_fn = always_oom
+    with pytest.raises(RuntimeError, match="even with micro-batch 1"):
+        t.fit()

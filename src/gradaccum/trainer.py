@@ -9,6 +9,7 @@ step number to know where the data stands.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -75,6 +76,8 @@ class Trainer:
     """Steps between plain log lines when there is no progress bar."""
     extra_state: dict[str, Any] = field(default_factory=dict)
     """Plain data saved in the checkpoint (e.g. the vocabulary), checked on resume."""
+    oom_replay: bool = True
+    """On CUDA out-of-memory, drop to the next smaller micro-batch and replay the window."""
 
     def __post_init__(self) -> None:
         self.rank = sync.rank()
@@ -143,7 +146,7 @@ class Trainer:
         metrics_file = open(out / METRICS, "a", encoding="utf-8") if writes else None  # noqa: SIM115
         try:
             for step in range(start, self.steps):
-                result = acc.step(self.micro_batches(step), self.loss_fn)
+                result = self._run_window(acc, step)
                 elapsed = elapsed_before + time.perf_counter() - t0
                 row = self._row(result, step, elapsed, time.perf_counter() - t0, start)
                 if metrics_file is not None:
@@ -162,6 +165,67 @@ class Trainer:
                 bar.close()
         summary = self._finish(out)
         return summary
+
+    # ------------------------------------------------------------------ windows
+    def _run_window(self, acc: Accumulator, step: int) -> StepResult:
+        """One optimizer step; after an out-of-memory error, shrink the micro-batch and replay.
+
+        The replay starts again from the window's first micro-batch with the same
+        examples, so nothing is lost or counted twice and the effective batch stays.
+        """
+        while True:
+            result = self._window(acc, step)
+            if result is not None:
+                return result
+            self._shrink_micro_batch(acc, step)
+
+    def _window(self, acc: Accumulator, step: int) -> StepResult | None:
+        """Run the window; None when this or another rank ran out of memory (window discarded)."""
+        agree = self.oom_replay and self.world_size > 1
+        result: StepResult | None = None
+        agreed = False
+        try:
+            for i, mb in enumerate(self.micro_batches(step)):
+                if agree and i == self.accum_steps - 1:
+                    # Before the last micro-batch (whose backward syncs gradients) every
+                    # rank says whether it ran out of memory, so all replay together.
+                    agreed = True
+                    if _any_rank(False):
+                        acc.discard()
+                        return None
+                with acc.micro_step():
+                    loss_sum, num_items = self.loss_fn(self._train_model, mb)
+                    result = acc.backward(loss_sum, num_items)
+        except torch.cuda.OutOfMemoryError:
+            if not self.oom_replay or agreed:
+                raise  # after the agreement the other ranks are already inside the sync
+            oom = True
+        else:
+            oom = False
+        if not oom:
+            return result
+        # Outside the except block: the traceback no longer pins the window's tensors.
+        acc.discard()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if agree:
+            _any_rank(True)
+        return None
+
+    def _shrink_micro_batch(self, acc: Accumulator, step: int) -> None:
+        smaller = [d for d in range(1, self.micro_batch) if self.per_rank % d == 0]
+        if not smaller:
+            raise RuntimeError(f"out of memory at step {step + 1} even with micro-batch 1")
+        old, self.micro_batch = self.micro_batch, smaller[-1]
+        self.accum_steps = acc.accum_steps = self.per_rank // self.micro_batch
+        if self.rank == 0:
+            print(
+                f"gradaccum: out of memory with micro-batch {old}; replaying step {step + 1} with "
+                f"micro-batch {self.micro_batch} x accum steps {self.accum_steps}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _adamw(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
@@ -293,6 +357,18 @@ class Trainer:
             )
             plot_losses(rows, out / PLOT)
         return summary
+
+
+def _any_rank(flag: bool) -> bool:
+    """True if ``flag`` is True on any rank (one tiny all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    return bool(sync.all_reduce_sum(t).item() > 0)
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_sizes(effective: int, micro: int, world: int) -> None:
