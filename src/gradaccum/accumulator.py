@@ -13,7 +13,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,10 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in
              (torch.float16, torch.bfloat16) else None) for g in grads]
+    if all(hasattr(n, "full_tensor") for n in norms):
+        # [distributed] FSDP2 DTensor grads: each norm is a partial over the shards.
+        # Stack them and gather once, instead of one collective per parameter.
+        return torch.linalg.vector_norm(torch.stack(norms).to(torch.float64)).full_tensor()
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     device = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float64) for n in norms]))
@@ -116,6 +120,10 @@ class Accumulator:
         grad_dtype: accumulate gradients of lower-precision parameters in buffers of
             this dtype (e.g. ``torch.float32`` for bf16 models).
         skip_nonfinite: a window with an inf/nan gradient changes nothing at all.
+        sync_every_micro_batch: let a DDP/FSDP2 wrapper communicate gradients on every
+            micro-batch instead of only the window's last. Still exact, but k times the
+            traffic. Worth it only with FSDP2: gradients are then reduce-scattered and kept
+            sharded, instead of held unsharded (a full gradient per rank) through the window.
     """
 
     def __init__(
@@ -127,6 +135,7 @@ class Accumulator:
         max_grad_norm: float | None = None,
         grad_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
+        sync_every_micro_batch: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -149,6 +158,7 @@ class Accumulator:
         self.max_grad_norm = max_grad_norm
         self.grad_dtype = grad_dtype
         self.skip_nonfinite = skip_nonfinite
+        self.sync_every_micro_batch = bool(sync_every_micro_batch)
         self._reduction = sync.grad_reduction(model)
         if grad_dtype is not None and self._reduction in ("ddp", "fsdp"):
             raise ValueError(
@@ -161,18 +171,16 @@ class Accumulator:
         self.skipped_steps = 0
         self.micro_steps = 0
         self.items_seen: int | float = 0
+        self._hooks: list[Any] = []
         self._reset_window()
         self._in_micro = False
         self._in_step = False
         # fp32 (or grad_dtype) buffers: each micro-batch's low-precision gradient is
         # added here right after it is accumulated, then p.grad is dropped, so
         # low-precision sums never pile up over the window.
+        # The hooks that fill them live only while a window is open (see _open_window),
+        # so a model outlives its Accumulator with ordinary .grad behaviour.
         self._buffers: dict[int, torch.Tensor] = {}
-        self._hooks = []
-        if grad_dtype is not None:
-            for p in self._params:
-                if p.dtype != grad_dtype:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._stash_grad))
         _warn_batchnorm(model)
 
     # ----------------------------------------------------------------- shape (a)
@@ -191,7 +199,7 @@ class Accumulator:
         self._in_micro = True
         self._did_backward = False
         try:
-            with sync.no_grad_sync(self.model, skip=not last):
+            with sync.no_grad_sync(self.model, skip=not (last or self.sync_every_micro_batch)):
                 yield
         finally:
             self._in_micro = False
@@ -204,7 +212,8 @@ class Accumulator:
             raise AccumulatorStateError("backward() must be called inside `with acc.micro_step():`")
         if self._did_backward:
             raise AccumulatorStateError("backward() called twice in one micro_step()")
-        self._backward(loss_sum, num_items, synced=self._micro_in_window + 1 >= self.accum_steps)
+        last = self._micro_in_window + 1 >= self.accum_steps
+        self._backward(loss_sum, num_items, synced=last or self.sync_every_micro_batch)
         self._did_backward = True
         if self._micro_in_window >= self.accum_steps:
             return self._finish_window()
@@ -236,30 +245,31 @@ class Accumulator:
             )
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(model, micro_batch)")
-        it = iter(micro_batches)
-        sentinel = object()
-        nxt = next(it, sentinel)
-        if nxt is sentinel:
-            raise ValueError("step() got no micro-batches")
+        pairs = _flag_last(micro_batches)
         self._in_step = True
         try:
-            while nxt is not sentinel:
-                mb = nxt
-                # Look one ahead so only the real last micro-batch syncs gradients;
-                # nothing else is pre-fetched.
-                nxt = next(it, sentinel)
-                last = nxt is sentinel
-                with sync.no_grad_sync(self.model, skip=not last):
+            for mb, last in pairs:
+                synced = last or self.sync_every_micro_batch
+                with sync.no_grad_sync(self.model, skip=not synced):
                     out = loss_fn(self.model, mb)
                     if not (isinstance(out, (tuple, list)) and len(out) == 2):
                         raise TypeError("loss_fn must return (loss_sum, num_items)")
-                    self._backward(out[0], out[1], synced=last)
+                    self._backward(out[0], out[1], synced=synced)
+                del mb, out  # the optimizer step need not hold the last micro-batch alive
         except BaseException:
             self._discard_window()
             raise
         finally:
             self._in_step = False
+        if not self._micro_in_window:
+            raise ValueError("step() got no micro-batches")
         return self._finish_window()
+
+    def discard(self) -> None:
+        """Forget the open window (gradients and counts), e.g. to replay it after an OOM."""
+        if self._in_micro or self._in_step:
+            raise AccumulatorStateError("discard() inside micro_step()/step()")
+        self._discard_window()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -285,7 +295,21 @@ class Accumulator:
         self.items_seen = state["items_seen"]
 
     # ----------------------------------------------------------------- internals
+    def _open_window(self) -> None:
+        """Before a window's first backward: drop stray gradients, attach grad_dtype hooks."""
+        for p in self._params:
+            p.grad = None
+        if self.grad_dtype is not None:
+            self._hooks = [
+                p.register_post_accumulate_grad_hook(self._stash_grad)
+                for p in self._params
+                if p.dtype != self.grad_dtype
+            ]
+
     def _reset_window(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         self._micro_in_window = 0
         self._loss_acc: torch.Tensor | None = None
         self._items_num: int | float = 0
@@ -298,6 +322,8 @@ class Accumulator:
     def _backward(self, loss_sum: Any, num_items: Any, synced: bool) -> None:
         _check_loss(loss_sum)
         n = count_items(num_items)
+        if self._micro_in_window == 0:
+            self._open_window()
         loss_sum.backward()
         # Keep the logged loss in float64 on the device: no host sync per micro-batch.
         d = loss_sum.detach().to(torch.float64)
@@ -311,6 +337,8 @@ class Accumulator:
         self._synced = synced
 
     def _stash_grad(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
         buf = self._buffers.get(id(p))
         if buf is None:
             self._buffers[id(p)] = p.grad.to(self.grad_dtype, copy=True)  # type: ignore[union-attr]
@@ -326,6 +354,23 @@ class Accumulator:
             if g is not None:
                 out.append(g)
         return out
+
+    def _all_reduce_grads(self) -> None:
+        """[distributed] Sum the window's gradients over ranks ourselves (no wrapper sync ran).
+
+        Missing gradients (a rank with no micro-batch in a partial window, an unused
+        parameter) count as zero, so every rank ends with the same gradients.
+        """
+        buffered = {id(p) for p in self._params if self.grad_dtype is not None and p.dtype != self.grad_dtype}
+        dtypes = [self.grad_dtype if id(p) in buffered else p.dtype for p in self._params]
+        current = [self._buffers.get(id(p), p.grad) for p in self._params]
+        summed = sync.all_reduce_optional_grads_sum(current, self._params, dtypes)  # type: ignore[arg-type]
+        for p, old, new in zip(self._params, current, summed, strict=True):
+            if old is None and new is not None:
+                if id(p) in buffered:
+                    self._buffers[id(p)] = new
+                else:
+                    p.grad = new
 
     def _window_stats(self) -> tuple[float, float]:
         """(Σ loss_sum, Σ num_items) over the window and all ranks: one small all-reduce."""
@@ -345,12 +390,15 @@ class Accumulator:
         if items_total < 0:
             self._discard_window()
             raise ValueError(f"num_items summed to {items_total} over the window: counts must be >= 0")
-        grads = self._grads()
         factor = 1.0
+        # [distributed] Which sum over ranks the gradients hold now.
         if self._reduction in ("ddp", "fsdp") and self._synced:
             factor = float(sync.world_size())  # the wrapper averaged; we want the sum
+        elif self._reduction == "fsdp":
+            sync.reduce_fsdp_deferred_grads(self.model)  # partial window: FSDP2 held them back
         elif self._reduction != "local":
-            sync.all_reduce_grads_sum(grads)  # partial window or unwrapped model
+            self._all_reduce_grads()  # partial window under DDP, or an unwrapped model
+        grads = self._grads()
         lr = float(self.optimizer.param_groups[0]["lr"])
         num_items = int(items_total) if float(items_total).is_integer() else items_total
         if items_total == 0:
@@ -392,8 +440,29 @@ class Accumulator:
         self._buffers.clear()
         for p in self._params:
             p.grad = None
+        if self._reduction == "fsdp":
+            sync.drop_fsdp_deferred_grads(self.model)  # [distributed] else they leak into the next window
         self.optimizer.zero_grad(set_to_none=True)
         self._reset_window()
+
+
+def _flag_last(micro_batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(micro_batch, is_last)``.
+
+    A sequence knows its length; any other iterable is read one item ahead so that only
+    the real last micro-batch syncs gradients (streaming works, one item is buffered).
+    """
+    if isinstance(micro_batches, Sequence):
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            yield mb, i == n - 1
+        return
+    it = iter(micro_batches)
+    sentinel = object()
+    nxt = next(it, sentinel)
+    while nxt is not sentinel:
+        mb, nxt = nxt, next(it, sentinel)
+        yield mb, nxt is sentinel
 
 
 def _warn_batchnorm(model: nn.Module) -> None:

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput of each micro-batch that fits")
     _add_common(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--out", default=None, help="directory for bench.png (default: none)")
+    b.add_argument("--out", default="runs/bench", help="directory for bench.png and bench.json")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="timed windows per micro-batch")
     return p
 
 
@@ -154,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.effective_batch % world:
         raise BadInput(f"--effective-batch {args.effective_batch} is not divisible by the world size {world}")
     work = load_workload(args.data, args.seed)
+    work.model.to(_device())
     micro = args.micro_batch
     if micro == "auto":
         micro = _auto_micro_batch(args, work)
@@ -206,8 +208,140 @@ def warmup_cosine(optimizer: Any, steps: int, warmup: int | None = None, floor: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _device() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _make_batch(work: Workload) -> Any:
+    """Worst-case micro-batches for the planner: n copies of the longest example."""
+    longest = max(work.dataset, key=lambda ex: len(ex[0]))
+    return lambda n: work.collate_fn([longest] * n)
+
+
+def _plan(args: argparse.Namespace, work: Workload) -> Any:
+    """The memory plan for this workload (collective under torch.distributed)."""
+    from gradaccum import memory
+
+    try:
+        return memory.plan(
+            work.model, work.loss_fn, _make_batch(work), args.effective_batch, budget_bytes=args.memory_budget
+        )
+    except memory.BudgetTooSmall as e:
+        raise BadInput(f"--memory-budget {memory.format_bytes(e.budget_bytes)}: {e}") from None
+
+
 def _auto_micro_batch(args: argparse.Namespace, work: Workload) -> int:
-    raise BadInput("--micro-batch auto: the memory planner is not available yet")
+    from gradaccum import memory
+
+    p = _plan(args, work)
+    if sync.rank() == 0:
+        print(
+            f"gradaccum: --micro-batch auto: {p.micro_batch} (predicted peak "
+            f"{memory.format_bytes(p.predicted_peak_bytes)} of {memory.format_bytes(p.budget_bytes)})",
+            flush=True,
+        )
+    return int(p.micro_batch)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from gradaccum import memory
+
+    work = load_workload(args.data, seed=0)
+    work.model.to(_device())
+    p = _plan(args, work)
+    if sync.rank() != 0:
+        return 0
+    if args.json:
+        print(json.dumps(p.to_json()))
+        return 0
+    print(f"effective batch {p.effective_batch}, world size {p.world_size}, "
+          f"budget {memory.format_bytes(p.budget_bytes)} ({p.budget_bytes} bytes)")
+    print(f"{'micro-batch':>11}  {'accum':>5}  {'predicted peak':>14}  fits")
+    per_rank = p.effective_batch // p.world_size
+    for row in p.table:
+        m, peak = row["micro_batch"], row["predicted_peak_bytes"]
+        mark = "  <- chosen" if m == p.micro_batch else ""
+        fits = "yes" if peak <= p.budget_bytes else "no"
+        print(f"{m:>11}  {per_rank // m:>5}  {memory.format_bytes(peak):>14}  {fits:>4}{mark}")
+    print(f"plan: micro-batch {p.micro_batch} x accum steps {p.accum_steps} x world size {p.world_size} "
+          f"= {p.effective_batch}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from gradaccum import memory
+
+    work = load_workload(args.data, seed=0)
+    work.model.to(_device())
+    p = _plan(args, work)
+    fits = [r["micro_batch"] for r in p.table if r["predicted_peak_bytes"] <= p.budget_bytes]
+    per_rank = p.effective_batch // p.world_size
+    rows = memory.measure_throughput(
+        work.model, work.loss_fn, _make_batch(work), fits, window_batch=per_rank, repeats=args.repeats
+    )
+    if not rows:
+        raise BadInput("bench: no candidate micro-batch ran")
+    best = max(rows, key=lambda r: r["items_per_s"])
+    result = {
+        "device": str(_device()),
+        "effective_batch": p.effective_batch,
+        "world_size": p.world_size,
+        "budget_bytes": p.budget_bytes,
+        "planned_micro_batch": p.micro_batch,
+        "fastest_micro_batch": best["micro_batch"],
+        "rows": rows,
+    }
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise BadInput(f"--out {out}: exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        _plot_bench(rows, best["micro_batch"], p.micro_batch, out / "bench.png")
+        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["plot"] = str(out / "bench.png")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"device {result['device']}, effective batch {p.effective_batch} (one timed step = one window)")
+    print(f"{'micro-batch':>11}  {'accum':>5}  {'items/s':>9}  {'s/step':>7}")
+    for r in rows:
+        m = r["micro_batch"]
+        note = ("  <- fastest" if m == best["micro_batch"] else "") + (
+            "  (largest that fits)" if m == p.micro_batch else "")
+        print(f"{m:>11}  {per_rank // m:>5}  {r['items_per_s']:>9.1f}  {r['seconds_per_step']:>7.3f}{note}")
+    print(f"fastest: micro-batch {best['micro_batch']}; largest that fits: {p.micro_batch}"
+          + (f"; plot: {result['plot']}" if "plot" in result else ""))
+    return 0
+
+
+def _plot_bench(rows: list[dict[str, float]], fastest: int, planned: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    xs = [r["micro_batch"] for r in rows]
+    ax.plot(xs, [r["items_per_s"] for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batch")
+    ax.set_ylabel("examples / s (whole window)")
+    ax.axvline(fastest, color="green", ls="--", label=f"fastest: {fastest}")
+    ax.axvline(planned, color="gray", ls=":", label=f"largest that fits: {planned}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,17 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": cmd_train}
+    handlers = {"train": cmd_train, "plan": cmd_plan, "bench": cmd_bench}
     from gradaccum import distributed
 
     try:
         distributed.setup_from_env()
         return handlers[args.command](args)
-    except BadInput as e:
+    except (BadInput, distributed.DistributedSetupError) as e:
         print(f"gradaccum {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradaccum: interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:
+        # A dead or hung peer rank: one line on every surviving rank, not a traceback.
+        message = distributed.failure_message(e)
+        if message is None:
+            raise
+        print(f"gradaccum {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
         distributed.teardown()

@@ -2,39 +2,127 @@
 
 torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; we only
 read them through torch.distributed's ``env://`` rendezvous. A timeout on the group
-makes a dead or hung rank an error on the survivors instead of a hang.
+makes a dead or hung rank an error on the survivors instead of a hang:
+
+- a peer that *dies* closes its sockets, so gloo fails the next collective at once
+  ("Connection closed by peer");
+- a peer that *hangs* keeps them open, so the survivors fail when a collective has
+  waited ``GRADACCUM_TIMEOUT_S`` seconds (default 300).
+
+:func:`failure_message` turns either into one line for the command line.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "GRADACCUM_TIMEOUT_S"
+
+# Phrases in the errors gloo, nccl and the TCP store raise when a peer is gone or
+# silent. torch raises plain RuntimeError for several of them, so the type alone is
+# not enough; we only look at them while a process group is up (or for DistError).
+_PEER_FAILURE_MARKERS = (
+    "connection closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "failed to recv",
+    "timed out",
+    "timeout",
+    "remote worker",
+    "communicator was aborted",
+    "ncclremoteerror",
+    "ncclsystemerror",
+)
+
+
+class DistributedSetupError(ValueError):
+    """The environment describes a process group we cannot join (bad timeout, bad world)."""
 
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def timeout_seconds(timeout_s: float | None = None) -> float:
+    """The collective timeout: ``timeout_s`` if given, else $GRADACCUM_TIMEOUT_S, else 300 s."""
+    if timeout_s is not None:
+        value, source = timeout_s, "timeout_s"
+    elif os.environ.get(TIMEOUT_ENV, "").strip():
+        text = os.environ[TIMEOUT_ENV].strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise DistributedSetupError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+        source = TIMEOUT_ENV
+    else:
+        return DEFAULT_TIMEOUT_S
+    if not (math.isfinite(value) and value > 0):
+        raise DistributedSetupError(f"{source} must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def backend() -> str:
+    """gloo for CPU tensors, and nccl for CUDA tensors when there is a GPU.
+
+    The model may stay on the CPU even on a GPU machine, so a GPU machine gets a group
+    that serves both devices rather than nccl alone (which rejects CPU tensors).
+    """
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def setup_from_env(timeout_s: float | None = None) -> bool:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); False if not launched so."""
+    """Join the process group torchrun describes; False if not launched so.
+
+    ``timeout_s`` (else $GRADACCUM_TIMEOUT_S, else 300) bounds the rendezvous and
+    every collective, so a rank that never arrives, dies or hangs is an error on the
+    others within that time.
+    """
     if not launched_by_torchrun() or dist.is_initialized():
         return dist.is_initialized()
-    timeout = float(os.environ.get("GRADACCUM_TIMEOUT_S", timeout_s or DEFAULT_TIMEOUT_S))
+    timeout = timeout_seconds(timeout_s)
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout))
     return True
 
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def failure_message(exc: BaseException) -> str | None:
+    """One line describing a lost or silent peer, or None when ``exc`` is something else."""
+    if not isinstance(exc, (RuntimeError, OSError)):
+        return None
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    low = text.lower()
+    dist_error = isinstance(exc, getattr(dist, "DistError", ()))
+    group_up = dist.is_available() and dist.is_initialized()
+    if not (dist_error or (group_up and any(m in low for m in _PEER_FAILURE_MARKERS))):
+        return None
+    where = ""
+    if group_up:
+        where = f"rank {dist.get_rank()} of {dist.get_world_size()}: "
+    silent = "timed out" in low or "timeout" in low
+    cause = (
+        "a peer process did not answer in time (hung, or too slow)"
+        if silent
+        else "lost contact with a peer process (it crashed or was killed)"
+    )
+    return f"{where}{cause}; check the other ranks' output ({_strip_location(first)[:200]})"
+
+
+def _strip_location(line: str) -> str:
+    """The backend's first sentence, without gloo's "[.../pair.cc:534] " source prefix."""
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". ", 1)[0].rstrip(".")

@@ -4,12 +4,18 @@ DDP decides whether to all-reduce during the *forward* pass, so the no-sync cont
 must wrap forward and backward together; that is why ``Accumulator.micro_step()`` is
 a context manager around the user's whole micro-batch. FSDP2 modules expose
 ``set_requires_gradient_sync`` instead of ``no_sync``.
+
+When a window ends without the wrapper's sync (a partial window closed by
+``flush()``, or an unwrapped model under torch.distributed) gradaccum sums the
+gradients itself: :func:`all_reduce_optional_grads_sum` for plain tensors and
+:func:`reduce_fsdp_deferred_grads` for FSDP2's unsharded, deferred gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,22 +88,134 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_grads_sum(grads: list[torch.Tensor]) -> None:
-    """Sum local gradients over ranks, flattened into one buffer per dtype/device.
+def all_reduce_optional_grads_sum(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]
+) -> list[torch.Tensor | None]:
+    """Sum per-parameter gradients over ranks when some ranks may hold ``None``.
 
-    Used when the window's last backward ran without the wrapper's sync (a partial
-    window through ``flush()``, or an unwrapped model under torch.distributed).
+    A rank can miss a gradient for a parameter it never used, or for all of them when
+    it had no micro-batch in a partial window; every rank must still contribute a
+    buffer of the same layout to the collective, so a missing gradient counts as zero.
+    One 0/1 flag per parameter rides in the same buffer, so a parameter that *no* rank
+    has a gradient for stays ``None`` (the optimizer skips it, as on one process).
+    ``like[i]`` gives the shape and device and ``dtypes[i]`` the dtype of gradient i;
+    both must agree across ranks. One all-reduce per (dtype, device) group.
     """
-    if not (is_distributed() and world_size() > 1) or not grads:
-        return
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.dtype, g.device), []).append(g)
-    for same in groups.values():
-        flat = torch.cat([g.reshape(-1) for g in same])
+    out: list[torch.Tensor | None] = list(grads)
+    if not (is_distributed() and world_size() > 1):
+        return out
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, (p, dt) in enumerate(zip(like, dtypes, strict=True)):
+        groups.setdefault((dt, p.device), []).append(i)
+    for (dt, dev), idx in groups.items():
+        parts = [_zeros_if_none(grads[i], like[i], dt) for i in idx]
+        flags = torch.tensor([float(grads[i] is not None) for i in idx], dtype=dt, device=dev)
+        flat = torch.cat([*parts, flags])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        anyone = flat[flat.numel() - len(idx) :].tolist()  # one host sync per group
         offset = 0
-        for g in same:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
+        for k, i in enumerate(idx):
+            n = like[i].numel()
+            if anyone[k] > 0:
+                g = grads[i]
+                if g is None:
+                    out[i] = flat[offset : offset + n].view(like[i].shape).clone()
+                else:
+                    g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+    return out
+
+
+def drop_fsdp_deferred_grads(model: nn.Module) -> None:
+    """Forget FSDP2's held-back unsharded gradients (a discarded window's)."""
+    try:
+        for fp in _fsdp_params(model):
+            fp.unsharded_accumulated_grad = None
+            unsharded = getattr(fp, "_unsharded_param", None)  # made at the first forward
+            if unsharded is not None:
+                unsharded.grad = None
+    except AttributeError as e:
+        raise RuntimeError(
+            f"gradaccum: cannot clear FSDP2's deferred gradients with this torch version ({e})"
+        ) from e
+
+
+def _held_grad(fp: Any) -> torch.Tensor | None:
+    """One FSDP2 parameter's held-back gradient: where it sits depends on the precision policy."""
+    acc = fp.unsharded_accumulated_grad
+    unsharded = getattr(fp, "_unsharded_param", None)
+    local = unsharded.grad if unsharded is not None else None
+    if acc is not None and local is not None:
+        return acc + local
+    return acc if acc is not None else local
+
+
+def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if g is None:
+        return torch.zeros(like.numel(), dtype=dtype, device=like.device)
+    return g.reshape(-1).to(dtype)
+
+
+def _fsdp_params(model: nn.Module) -> list[Any]:
+    """FSDP2's per-parameter records (private API, hence the narrow, checked use)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            for group in m._get_fsdp_state()._fsdp_param_groups:
+                out.extend(group.fsdp_params)
+    return out
+
+
+def reduce_fsdp_deferred_grads(model: nn.Module) -> None:
+    """Sum FSDP2 gradients held back by ``set_requires_gradient_sync(False)`` and shard them.
+
+    After a no-sync backward FSDP2 keeps each parameter's *unsharded* local gradient
+    and reduce-scatters it only in the next synced backward. A partial window closed by
+    ``flush()`` has no next backward, and FSDP2 has no public call that reduces the
+    held gradients, so we do it here: one all-reduce (SUM) of the unsharded gradients,
+    then each rank keeps its own shard as the sharded DTensor ``.grad``, where FSDP2
+    would have put it (unaveraged: the caller normalises by the item count). This
+    touches FSDP2 internals; if they change, it fails with a clear error rather than
+    stepping with a wrong gradient.
+    """
+    try:
+        records = _fsdp_params(model)
+        held: list[torch.Tensor | None] = []
+        for fp in records:
+            mesh = fp.sharded_param.device_mesh
+            if mesh.ndim != 1 or mesh.size() != world_size():
+                raise NotImplementedError(
+                    "flush() of a partial FSDP2 window needs a 1-D mesh over all ranks; use step() "
+                    "or sync_every_micro_batch=True"
+                )
+            held.append(_held_grad(fp))
+        like = [fp.sharded_param for fp in records]  # global shape and this rank's device
+        # The dtype FSDP2 accumulates in: fixed by the policy, so every rank agrees.
+        dtypes = [fp.reduce_dtype or fp.param_dtype or fp.orig_dtype for fp in records]
+        summed = all_reduce_optional_grads_sum(held, like, dtypes)
+        me, ws = rank(), world_size()
+        drop_fsdp_deferred_grads(model)
+        for fp, full in zip(records, summed, strict=True):
+            if full is None:
+                continue
+            dim = fp.fsdp_placement.dim
+            chunks = torch.chunk(full, ws, dim=dim)  # FSDP2's split: torch.chunk, padded
+            if me < len(chunks):
+                shard = chunks[me]
+            else:  # fewer chunks than ranks (a small dim): this rank's shard is empty
+                shape = list(full.shape)
+                shape[dim] = 0
+                shard = full.new_zeros(shape)
+            shard = shard.to(fp.sharded_param.dtype).contiguous()
+            if fp.sharded_param.grad is not None:
+                fp.sharded_param.grad._local_tensor.add_(shard)
+            else:
+                fp.sharded_param.grad = fp.to_sharded_dtensor(shard)
+    except (AttributeError, TypeError) as e:
+        raise RuntimeError(
+            "gradaccum: cannot reduce FSDP2's deferred gradients with this torch version "
+            f"({type(e).__name__}: {e}); close windows with step(), use whole windows, or pass "
+            "sync_every_micro_batch=True"
+        ) from e

@@ -181,7 +181,9 @@ class Trainer:
 
     def _window(self, acc: Accumulator, step: int) -> StepResult | None:
         """Run the window; None when this or another rank ran out of memory (window discarded)."""
-        agree = self.oom_replay and self.world_size > 1
+        # Only CUDA raises OutOfMemoryError, so only there is the agreement worth a collective.
+        on_cuda = any(p.is_cuda for p in self._train_model.parameters())
+        agree = self.oom_replay and self.world_size > 1 and on_cuda
         result: StepResult | None = None
         agreed = False
         try:

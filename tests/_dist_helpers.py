@@ -1,0 +1,388 @@
+"""Multi-process helpers for test_distributed.py: a launcher and the per-rank workers.
+
+The parent (pytest) starts ranks as subprocesses with the variables torchrun would set
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT ...) and a hard deadline; each worker
+runs a scenario and saves what it saw with ``torch.save``. All numerical checks happen
+in the parent against a plain float64 full-batch reference, so the workers only
+*record* (gradients handed to the optimizer, StepResults, communication counts).
+
+Run as a script: ``python tests/_dist_helpers.py SCENARIO OUT_DIR [-- CLI ARGS]``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORLD = 2
+
+# Micro-batch sizes per window and rank: ranks differ in micro-batch sizes, token
+# counts (random lengths) and, where the scenario allows, in micro-batch counts.
+# Shape (a) uses accum_steps=3; a window of fewer is partial and closed by flush().
+DDP_MICRO_WINDOWS = [
+    [[3, 1, 2], [2, 4, 1]],
+    [[1, 1, 5], [3, 2, 2]],
+    [[2, 3], [4]],  # partial, ranks with different counts
+    [[2], []],  # partial, rank 1 has nothing: it still joins and gets the same gradient
+]
+DDP_STEP_WINDOWS = [
+    [[3, 1, 2], [2, 5]],  # step(): each rank's own window length
+    [[1], [2, 2, 1, 3]],
+]
+# FSDP2 all-gathers parameters in every forward, so ranks must run the same number
+# of micro-batches (sizes and token counts may still differ).
+FSDP_MICRO_WINDOWS = [
+    [[3, 1, 2], [2, 4, 1]],
+    [[1, 2, 2], [3, 1, 2]],
+    [[2, 3], [1, 4]],  # partial: FSDP2's deferred gradients reduced by flush()
+]
+FSDP_STEP_WINDOWS = [[[2, 3], [4, 1]]]
+# sync_every_micro_batch: every micro-batch communicates, so counts must match too.
+EVERY_WINDOWS = [
+    [[3, 1, 2], [2, 4, 1]],
+    [[2], [3]],  # partial
+]
+Phases = list[tuple[str, list[list[list[int]]]]]
+DDP_PHASES: Phases = [("micro", DDP_MICRO_WINDOWS), ("step", DDP_STEP_WINDOWS)]
+FSDP_PHASES: Phases = [("micro", FSDP_MICRO_WINDOWS), ("step", FSDP_STEP_WINDOWS)]
+EVERY_PHASES: Phases = [("every", EVERY_WINDOWS)]
+ACCUM = 3
+LR = 0.3
+MOMENTUM = 0.9
+MAX_NORM = 1.0
+
+
+def window_data(phase: str, w: int, r: int, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Deterministic micro-batches of window ``w`` on rank ``r`` (the parent rebuilds them)."""
+    from conftest import random_micro_batches
+
+    seed = 7919 * (1 + sum(map(ord, phase))) + 101 * w + r
+    return random_micro_batches(torch.Generator().manual_seed(seed), sizes)
+
+
+# ----------------------------------------------------------------------------- launcher
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    rc: int | None
+    out: str
+    err: str
+    seconds: float
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+def launch_ranks(
+    argv: list[str], timeout: float, extra_env: dict[str, str] | None = None, world: int = WORLD,
+    stop_when_rank0_exits: bool = False,
+) -> list[Proc]:
+    """Start ``world`` ranks of ``python argv`` as torchrun would, and reap them by ``timeout``.
+
+    Ranks still running at the deadline (or, with ``stop_when_rank0_exits``, when rank 0
+    has exited) are killed and reported with rc None.
+    """
+    port = str(free_port())
+    procs, started = [], time.monotonic()
+    for r in range(world):
+        env = worker_env(extra_env)
+        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    if stop_when_rank0_exits:
+        first = _reap(procs[:1], started, timeout)
+        return first + _reap(procs[1:], time.monotonic(), 0.0)
+    return _reap(procs, started, timeout)
+
+
+def run_torchrun(args: list[str], timeout: float, world: int = WORLD) -> Proc:
+    """``python -m torch.distributed.run --nproc-per-node world ... args`` on a free port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    started = time.monotonic()
+    p = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _reap([p], started, timeout)[0]
+
+
+def _reap(procs: list[subprocess.Popen[str]], started: float, timeout: float) -> list[Proc]:
+    done: list[Proc] = []
+    for p in procs:
+        left = max(0.1, timeout - (time.monotonic() - started))
+        try:
+            out, err = p.communicate(timeout=left)
+            rc: int | None = p.returncode
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            rc = None
+        done.append(Proc(rc, out, err, time.monotonic() - started))
+    return done
+
+
+def describe(procs: list[Proc]) -> str:
+    return "\n".join(
+        f"--- rank {i}: rc={p.rc} after {p.seconds:.1f}s\nstdout:\n{p.out[-3000:]}\nstderr:\n{p.err[-3000:]}"
+        for i, p in enumerate(procs)
+    )
+
+
+# ----------------------------------------------------------------------------- workers
+def _capture_grads(optimizer: torch.optim.Optimizer, into: list[list[torch.Tensor]]) -> None:
+    """Record the (full, unsharded) gradients at every optimizer.step()."""
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        into.append([_full(p.grad) if p.grad is not None else None
+                     for g in opt.param_groups for p in g["params"]])
+
+    optimizer.register_step_pre_hook(hook)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def _result(res: Any) -> dict[str, Any] | None:
+    if res is None:
+        return None
+    return {"loss": res.loss, "num_items": res.num_items, "grad_norm": res.grad_norm,
+            "skipped": res.skipped, "step": res.step}
+
+
+def _run_windows(acc: Any, model: Any, phase: str, windows: list[list[list[int]]], counter: list[int],
+                 shape: str, grad_none: list[bool]) -> list[dict[str, Any]]:
+    """Feed each window to ``acc`` in shape (a) or (b); record results and comm counts."""
+    import torch.distributed as dist
+    from conftest import lm_loss_fn
+
+    r = dist.get_rank()
+    log = []
+    for w, per_rank in enumerate(windows):
+        mbs = window_data(phase, w, r, per_rank[r])
+        before = counter[0]
+        during: list[int] = []  # communication calls seen after each non-final micro-batch
+        if shape == "micro":
+            res = None
+            for mb in mbs:
+                with acc.micro_step():
+                    loss, n = lm_loss_fn(model, mb)
+                    res = acc.backward(loss, n)
+                if res is None:
+                    during.append(counter[0] - before)
+                    grad_none.append(all(p.grad is None for p in model.parameters()))
+            if res is None:
+                res = acc.flush()
+        else:
+            res = acc.step(mbs, lm_loss_fn)
+        log.append({"result": _result(res), "comms": counter[0] - before, "during": during})
+    return log
+
+
+def _tiny_lm() -> torch.nn.Module:
+    from conftest import make_lm
+
+    return make_lm(torch.float64, seed=0)
+
+
+def _run_variant(
+    model: torch.nn.Module, phases: Phases, counter: list[int], every: bool = False
+) -> dict[str, Any]:
+    """Train ``model`` through ``phases`` with one Accumulator; what the parent checks.
+
+    First a micro-batch is run and thrown away with ``discard()``: its held-back
+    (unsynced) gradients must not leak into the first real window.
+    """
+    import torch.distributed as dist
+    from conftest import lm_loss_fn
+
+    import gradaccum as ga
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    grads: list[list[torch.Tensor]] = []
+    _capture_grads(opt, grads)
+    acc = ga.Accumulator(model, opt, accum_steps=ACCUM, max_grad_norm=MAX_NORM, sync_every_micro_batch=every)
+    if not every:  # with a sync per micro-batch a discarded one would be communicated already
+        with acc.micro_step():
+            acc.backward(*lm_loss_fn(model, window_data("junk", 0, dist.get_rank(), [4])[0]))
+        acc.discard()
+    log: list[dict[str, Any]] = []
+    grad_none: list[bool] = []
+    for phase, windows in phases:
+        shape = "step" if phase == "step" else "micro"
+        log += _run_windows(acc, model, phase, windows, counter, shape, grad_none)
+    params = [_full(p) for p in model.parameters()]
+    return {"log": log, "grads": grads, "params": params, "grad_none": grad_none}
+
+
+def scenario_ddp(out: Path) -> None:
+    """DDP (shapes a and b, and sync_every_micro_batch) and an unwrapped model."""
+    import torch.distributed as dist
+    from conftest import lm_loss_fn
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradaccum import distributed
+
+    distributed.setup_from_env()
+    r = dist.get_rank()
+    counter = [0]
+
+    # No annotations: DDP checks them at run time and would see strings here.
+    def counting_hook(state, bucket):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        counter[0] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    record: dict[str, Any] = {}
+
+    def wrapped() -> DDP:
+        # Tiny buckets: several all-reduces per synced backward, so "one sync" means
+        # one full set of buckets, not merely one call.
+        ddp = DDP(_tiny_lm(), bucket_cap_mb=0.0005)
+        ddp.register_comm_hook(None, counting_hook)
+        # DDP settles its buckets after the first backward: two plain backward passes
+        # (no step, grads dropped), and the second one's count is the reference.
+        for _ in range(2):
+            start = counter[0]
+            lm_loss_fn(ddp, window_data("probe", 0, r, [2])[0])[0].backward()
+            record["plain_backward_comms"] = counter[0] - start
+            ddp.zero_grad(set_to_none=True)
+        return ddp
+
+    record["ddp"] = _run_variant(wrapped(), DDP_PHASES, counter)
+    record["manual"] = _run_variant(_tiny_lm(), DDP_PHASES, counter)
+    record["ddp_every"] = _run_variant(wrapped(), EVERY_PHASES, counter, every=True)
+    torch.save(record, out / f"rank{r}.pt")
+    distributed.teardown()
+
+
+def scenario_fsdp(out: Path) -> None:
+    """FSDP2 on CPU/gloo: deferred sync (shapes a and b) and sync_every_micro_batch."""
+    import torch.distributed as dist
+    from conftest import lm_loss_fn
+    from torch.distributed.fsdp import fully_shard
+
+    from gradaccum import distributed
+
+    # The tiny model's Linear outputs are views; FSDP2 warns about in-place use we never make.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    distributed.setup_from_env()
+    r = dist.get_rank()
+    counter = [0]
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        orig = getattr(dist, name, None)
+        if orig is not None:
+            def counted(*a: Any, _orig: Any = orig, **k: Any) -> Any:
+                counter[0] += 1
+                return _orig(*a, **k)
+
+            setattr(dist, name, counted)
+
+    def sharded() -> torch.nn.Module:
+        model = _tiny_lm()
+        for sub in (model.emb, model.hidden, model.out):
+            fully_shard(sub)
+        return fully_shard(model)
+
+    record: dict[str, Any] = {}
+    start = counter[0]
+    lm_loss_fn(sharded(), window_data("probe", 0, r, [2])[0])[0].backward()
+    record["plain_backward_comms"] = counter[0] - start
+    record["fsdp"] = _run_variant(sharded(), FSDP_PHASES, counter)
+    record["fsdp_every"] = _run_variant(sharded(), EVERY_PHASES, counter, every=True)
+    torch.save(record, out / f"rank{r}.pt")
+    distributed.teardown()
+
+
+def scenario_hang(out: Path) -> None:
+    """Rank 1 stops answering; rank 0's next collective must fail by the timeout."""
+    import torch.distributed as dist
+
+    from gradaccum import distributed
+
+    distributed.setup_from_env()
+    t = torch.ones(3)
+    dist.all_reduce(t)  # both ranks alive
+    if dist.get_rank() == 1:
+        time.sleep(600)  # hung, sockets still open: only the timeout can tell
+    started = time.monotonic()
+    try:
+        dist.all_reduce(t)
+    except Exception as e:  # noqa: BLE001 - we report whatever the backend raised
+        msg = distributed.failure_message(e)
+        print(f"FAILED_AFTER {time.monotonic() - started:.2f}", flush=True)
+        print(f"MESSAGE {msg}", flush=True)
+        distributed.teardown()  # as the CLI does on its way out
+        print("TORN_DOWN", flush=True)
+        sys.exit(3)
+    print("NO_ERROR", flush=True)
+
+
+def scenario_cli(out: Path, argv: list[str]) -> None:
+    """``gradaccum`` CLI with fault injection (env GA_TEST_FAULT=die:STEP on rank 1)
+    and a guard that fails rank != 0 if it tries to write an output file."""
+    import builtins
+
+    from gradaccum import checkpoint, cli, trainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    fault = os.environ.get("GA_TEST_FAULT", "")
+    if rank != 0:
+        def no_write(*a: Any, **k: Any) -> Any:
+            raise AssertionError(f"rank {rank} tried to write an output file {a[:1]}")
+
+        real_open = builtins.open
+
+        def guarded_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            if any(c in mode for c in "wax+"):
+                no_write(file)
+            return real_open(file, mode, *a, **k)
+
+        checkpoint.atomic_write_bytes = no_write  # type: ignore[assignment]
+        trainer.open = guarded_open  # type: ignore[attr-defined]
+        if fault.startswith("die:"):
+            at = int(fault.split(":")[1])
+            real_window = trainer.Trainer._run_window
+
+            def dying_window(self: Any, acc: Any, step: int) -> Any:
+                if step + 1 == at:
+                    os._exit(17)  # like SIGKILL: no clean-up, the sockets just close
+                return real_window(self, acc, step)
+
+            trainer.Trainer._run_window = dying_window  # type: ignore[method-assign]
+    sys.exit(cli.main(argv))
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    rest = sys.argv[4:] if len(sys.argv) > 3 and sys.argv[3] == "--" else []
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    if scenario == "cli":
+        scenario_cli(out, rest)
+    else:
+        {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "hang": scenario_hang}[scenario](out)
+
+
+if __name__ == "__main__":
+    main()
