@@ -120,3 +120,18 @@ def test_nothing_to_split() -> None:
         ga.split({"a": 1, "b": "x"}, 2)
     with pytest.raises(ValueError, match="0-dim"):
         ga.split({"a": torch.tensor(3.0)}, 2)
+
+
+def test_split_keeps_init_false_dataclass_fields() -> None:
+    import dataclasses as dc
+
+    @dc.dataclass(frozen=True)
+    class B:
+        x: torch.Tensor
+        mask: torch.Tensor = dc.field(init=False, default=None)
+
+    b = B(torch.arange(6))
+    object.__setattr__(b, "mask", torch.arange(6) % 2)
+    parts = ga.split(b, 4)
+    assert [p.mask.tolist() for p in parts] == [[0, 1, 0, 1], [0, 1]]
+    assert [p.x.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5]]

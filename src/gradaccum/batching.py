@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -45,10 +46,12 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, dict):
         return type(batch)((k, _slice(v, start, stop)) for k, v in batch.items())
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(
-            batch, **{f.name: _slice(getattr(batch, f.name), start, stop)
-                      for f in dataclasses.fields(batch) if f.init}
-        )
+        # Copy and set every field (not dataclasses.replace, which would reset
+        # init=False fields to their defaults); object.__setattr__ also works when frozen.
+        out = copy.copy(batch)
+        for f in dataclasses.fields(batch):
+            object.__setattr__(out, f.name, _slice(getattr(batch, f.name), start, stop))
+        return out
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(_slice(v, start, stop) for v in batch))
     if isinstance(batch, (list, tuple)):

@@ -157,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     work = load_workload(args.data, args.seed)
     work.model.to(_device())
     micro = args.micro_batch
+    if micro is None and args.memory_budget is not None:
+        micro = "auto"  # a budget with no micro-batch means: plan it
     if micro == "auto":
         micro = _auto_micro_batch(args, work)
     elif micro is None:

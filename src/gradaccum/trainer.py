@@ -124,6 +124,8 @@ class Trainer:
         if self.world_size > 1 and not (sync.is_ddp(model) or sync.is_fsdp2(model)):
             model = nn.parallel.DistributedDataParallel(model)
         self._train_model = model
+        # Only CUDA raises OutOfMemoryError, so only there is an OOM agreement worth a collective.
+        self._on_cuda = any(p.is_cuda for p in model.parameters())
         params = list(model.parameters())
         opt = (self.optimizer_factory or self._adamw)(params)
         sched = self.scheduler_factory(opt) if self.scheduler_factory else None
@@ -181,9 +183,7 @@ class Trainer:
 
     def _window(self, acc: Accumulator, step: int) -> StepResult | None:
         """Run the window; None when this or another rank ran out of memory (window discarded)."""
-        # Only CUDA raises OutOfMemoryError, so only there is the agreement worth a collective.
-        on_cuda = any(p.is_cuda for p in self._train_model.parameters())
-        agree = self.oom_replay and self.world_size > 1 and on_cuda
+        agree = self.oom_replay and self.world_size > 1 and self._on_cuda
         result: StepResult | None = None
         agreed = False
         try:
