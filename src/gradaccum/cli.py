@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from gradaccum import sync
 
 DEFAULT_OUT = "runs/gradaccum"
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 600
 DEFAULT_LR = 3e-3
 DEFAULT_MICRO_CAP = 16  # default micro-batch: the largest divisor of the per-rank batch up to this
 TASK_SIZE = 20_000  # generated examples in the default task (several epochs over a default run)
@@ -214,8 +215,6 @@ def _device() -> Any:
     import torch
 
     if torch.cuda.is_available():
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
@@ -355,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "plan": cmd_plan, "bench": cmd_bench}
     from gradaccum import distributed
 
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The built-in model is far too small to gain from intra-op threads, and on a
+        # busy machine their spin-waiting made a step 50x slower (measured). Opt back in
+        # with OMP_NUM_THREADS.
+        import torch
+
+        torch.set_num_threads(1)
     try:
         distributed.setup_from_env()
         return handlers[args.command](args)

@@ -9,7 +9,7 @@ from gradaccum import losses
 
 
 def build_model(
-    vocab_size: int, max_len: int, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4
+    vocab_size: int, max_len: int, seed: int = 0, n_layer: int = 3, n_embd: int = 96, n_head: int = 4
 ) -> nn.Module:
     """A tiny GPT-2 with no dropout, so runs are reproducible; initialised from ``seed``."""
     from transformers import GPT2Config, GPT2LMHeadModel
