@@ -84,8 +84,12 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm over all gradient tensors (non-finite when any element is)."""
     if not grads:
         return torch.zeros(())
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in
-             (torch.float16, torch.bfloat16) else None) for g in grads]
+    low = (torch.float16, torch.bfloat16)
+    if any(hasattr(g, "full_tensor") or g.dtype in low for g in grads):
+        # Half-precision grads get an fp32 norm; DTensors go one by one (see below).
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in low else None) for g in grads]
+    else:
+        norms = list(torch._foreach_norm(grads))  # a few kernels, not one per parameter
     if all(hasattr(n, "full_tensor") for n in norms):
         # [distributed] FSDP2 DTensor grads: each norm is a partial over the shards.
         # Stack them and gather once, instead of one collective per parameter.
@@ -95,9 +99,12 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float64) for n in norms]))
 
 
-def scale_grads_(grads: list[torch.Tensor], divisor: float) -> None:
-    """Divide every gradient by ``divisor`` in place (the one normalisation per window)."""
-    if grads and divisor != 1.0:
+def scale_grads_(grads: list[torch.Tensor], divisor: torch.Tensor) -> None:
+    """Divide every gradient by ``divisor`` in place (the one normalisation per window).
+
+    ``divisor`` stays a device tensor, so normalising needs no host sync.
+    """
+    if grads:
         torch._foreach_div_(grads, divisor)
 
 
@@ -372,8 +379,8 @@ class Accumulator:
                 else:
                     p.grad = new
 
-    def _window_stats(self) -> tuple[float, float]:
-        """(Σ loss_sum, Σ num_items) over the window and all ranks: one small all-reduce."""
+    def _window_stats(self) -> torch.Tensor:
+        """[Σ loss_sum, Σ num_items] over the window and all ranks: one small all-reduce."""
         dev = self._stat_device()
         loss = torch.zeros((), dtype=torch.float64, device=dev)
         if self._loss_acc is not None:
@@ -381,15 +388,10 @@ class Accumulator:
         items = torch.tensor(float(self._items_num), dtype=torch.float64, device=dev)
         if self._items_t is not None:
             items = items + self._items_t.to(dev)
-        stats = sync.all_reduce_sum(torch.stack([loss, items]))
-        loss_total, items_total = stats.tolist()
-        return loss_total, items_total
+        return sync.all_reduce_sum(torch.stack([loss, items]))
 
     def _finish_window(self) -> StepResult:
-        loss_total, items_total = self._window_stats()
-        if items_total < 0:
-            self._discard_window()
-            raise ValueError(f"num_items summed to {items_total} over the window: counts must be >= 0")
+        stats = self._window_stats()
         factor = 1.0
         # [distributed] Which sum over ranks the gradients hold now.
         if self._reduction in ("ddp", "fsdp") and self._synced:
@@ -400,11 +402,17 @@ class Accumulator:
             self._all_reduce_grads()  # partial window under DDP, or an unwrapped model
         grads = self._grads()
         lr = float(self.optimizer.param_groups[0]["lr"])
+        # Normalise and take the norm on the device, then read loss, items and norm back
+        # in one transfer: the window's only host sync.
+        scale_grads_(grads, stats[1] / factor)
+        norm_t = total_norm(grads).to(stats.device, torch.float64)
+        loss_total, items_total, norm = torch.cat([stats, norm_t.reshape(1)]).tolist()
+        if items_total < 0:
+            self._discard_window()
+            raise ValueError(f"num_items summed to {items_total} over the window: counts must be >= 0")
         num_items = int(items_total) if float(items_total).is_integer() else items_total
         if items_total == 0:
             return self._skip(float("nan"), num_items, float("nan"), lr)
-        scale_grads_(grads, items_total / factor)
-        norm = float(total_norm(grads))
         loss = loss_total / items_total
         if self.skip_nonfinite and not math.isfinite(norm):
             return self._skip(loss, num_items, norm, lr)
