@@ -370,6 +370,29 @@ def scenario_cli(out: Path, argv: list[str]) -> None:
                 return real_window(self, acc, step)
 
             trainer.Trainer._run_window = dying_window  # type: ignore[method-assign]
+    if fault.startswith("oom:"):
+        # Every rank must take part in the OOM agreement, which the trainer skips on CPU
+        # (CPU never raises CUDA's OutOfMemoryError); rank 1 then runs out of memory on
+        # the first micro-batch of step STEP while the micro-batch is larger than SIZE.
+        _, at, size = fault.split(":")
+        trainer._oom_possible = lambda model: True  # type: ignore[attr-defined]
+        if rank == 1:
+            from gradaccum import demo
+
+            real_loss, calls = demo.loss_fn, {"step": 0}
+            real_run = trainer.Trainer._run_window
+
+            def counting_run(self: Any, acc: Any, step: int) -> Any:
+                calls["step"] = step + 1
+                return real_run(self, acc, step)
+
+            def oom_loss(model: Any, batch: Any) -> Any:
+                if calls["step"] == int(at) and batch["input_ids"].shape[0] > int(size):
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+                return real_loss(model, batch)
+
+            demo.loss_fn = oom_loss  # type: ignore[assignment]
+            trainer.Trainer._run_window = counting_run  # type: ignore[method-assign]
     sys.exit(cli.main(argv))
 
 

@@ -124,8 +124,7 @@ class Trainer:
         if self.world_size > 1 and not (sync.is_ddp(model) or sync.is_fsdp2(model)):
             model = nn.parallel.DistributedDataParallel(model)
         self._train_model = model
-        # Only CUDA raises OutOfMemoryError, so only there is an OOM agreement worth a collective.
-        self._on_cuda = any(p.is_cuda for p in model.parameters())
+        self._oom_possible = _oom_possible(model)
         params = list(model.parameters())
         opt = (self.optimizer_factory or self._adamw)(params)
         sched = self.scheduler_factory(opt) if self.scheduler_factory else None
@@ -183,7 +182,7 @@ class Trainer:
 
     def _window(self, acc: Accumulator, step: int) -> StepResult | None:
         """Run the window; None when this or another rank ran out of memory (window discarded)."""
-        agree = self.oom_replay and self.world_size > 1 and self._on_cuda
+        agree = self.oom_replay and self.world_size > 1 and self._oom_possible
         result: StepResult | None = None
         agreed = False
         try:
@@ -359,6 +358,11 @@ class Trainer:
             )
             plot_losses(rows, out / PLOT)
         return summary
+
+
+def _oom_possible(model: nn.Module) -> bool:
+    """Only CUDA raises OutOfMemoryError, so only there is an OOM agreement worth a collective."""
+    return any(p.is_cuda for p in model.parameters())
 
 
 def _any_rank(flag: bool) -> bool:
