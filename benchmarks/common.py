@@ -127,25 +127,9 @@ def gpt2_workload(n_layer: int = 2, n_embd: int = 128, vocab: int = 64, max_len:
     """A tiny ``transformers`` GPT2LMHeadModel from a config, padded variable-length sequences."""
 
     def build(seed: int) -> nn.Module:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from gradaccum.demo import build_model
 
-        _hf_quiet()
-        config = GPT2Config(
-            vocab_size=vocab,
-            n_positions=max_len,
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return GPT2LMHeadModel(config)
+        return build_model(vocab, max_len, seed=seed, n_layer=n_layer, n_embd=n_embd)
 
     return Workload(
         name="gpt2",

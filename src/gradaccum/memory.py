@@ -774,7 +774,7 @@ def plan(
                             effective_batch, world_size)
         return plan_from_profile(prof, effective_batch, budget, world_size, margin)
 
-    cdev = _collective_device()
+    cdev = sync.collective_device()
     b = torch.tensor([budget], dtype=torch.int64, device=cdev)
     dist.all_reduce(b, op=dist.ReduceOp.MIN)
     budget = int(b.item())
@@ -806,14 +806,6 @@ def _profile_for(
 _OK, _TOO_SMALL, _FAILED = 0, 1, 2
 
 
-def _collective_device() -> torch.device:
-    """Where a small tensor must live for this process group's backend."""
-    backend = str(dist.get_backend())
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def broadcast_plan(plan: Plan | None, src: int = 0) -> Plan:
     """Give every rank rank ``src``'s plan (other ranks pass None). Collective; gloo and NCCL.
 
@@ -828,7 +820,7 @@ def broadcast_plan(plan: Plan | None, src: int = 0) -> Plan:
 
 
 def _broadcast(result: Plan | BaseException | None, src: int, margin: float) -> Plan:
-    cdev = _collective_device()
+    cdev = sync.collective_device()
     header = torch.zeros(9, dtype=torch.int64, device=cdev)
     is_src = dist.get_rank() == src
     if is_src:

@@ -219,3 +219,11 @@ def reduce_fsdp_deferred_grads(model: nn.Module) -> None:
             f"({type(e).__name__}: {e}); close windows with step(), use whole windows, or pass "
             "sync_every_micro_batch=True"
         ) from e
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor must live for this process group's collectives."""
+    backend = str(dist.get_backend())
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

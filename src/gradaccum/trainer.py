@@ -367,14 +367,8 @@ def _oom_possible(model: nn.Module) -> bool:
 
 def _any_rank(flag: bool) -> bool:
     """True if ``flag`` is True on any rank (one tiny all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=sync.collective_device())
     return bool(sync.all_reduce_sum(t).item() > 0)
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _check_sizes(effective: int, micro: int, world: int) -> None:
