@@ -98,3 +98,14 @@ def test_shape_mismatch_raises(logits_shape: tuple[int, ...], labels_shape: tupl
 def test_causal_lm_needs_a_sequence_dimension() -> None:
     with pytest.raises(ValueError):
         ga.losses.causal_lm(torch.randn(7), torch.zeros((), dtype=torch.long))
+
+
+def test_cross_entropy_accepts_torch_class_dim_1_layout() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)  # (N, C, d1)
+    targets = torch.randint(0, 5, (2, 7), generator=g)
+    targets[0, :3] = -100
+    loss, n = ga.losses.cross_entropy(logits, targets)
+    want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    assert int(n) == 11

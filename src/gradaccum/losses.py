@@ -15,9 +15,16 @@ def cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over all positions whose target is not ``ignore_index``.
 
-    ``logits`` is ``(..., C)`` and ``targets`` is ``(...)``; returns the loss sum and
-    the number of counted targets (a 0-dim int64 tensor, so no host sync).
+    ``logits`` is ``(..., C)`` (or torch's ``(N, C, d1, ...)``) and ``targets`` is
+    ``(...)``; returns the loss sum and the number of counted targets (a 0-dim int64
+    tensor, so no host sync).
     """
+    if (
+        logits.shape[:-1] != targets.shape
+        and logits.dim() >= 3
+        and logits.shape[:1] + logits.shape[2:] == targets.shape
+    ):
+        logits = logits.movedim(1, -1)  # F.cross_entropy's class-in-dim-1 layout
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match: "
