@@ -200,10 +200,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             if not self.oom_replay or agreed:
                 raise  # after the agreement the other ranks are already inside the sync
-            oom = True
         else:
-            oom = False
-        if not oom:
             return result
         # Outside the except block: the traceback no longer pins the window's tensors.
         acc.discard()
