@@ -137,7 +137,9 @@ def load_workload(data: str | None, seed: int) -> Workload:
 
 
 def default_micro_batch(per_rank: int, cap: int = DEFAULT_MICRO_CAP) -> int:
-    return max(d for d in range(1, min(per_rank, cap) + 1) if per_rank % d == 0)
+    from gradaccum.memory import candidate_micro_batches
+
+    return max(d for d in candidate_micro_batches(per_rank) if d <= cap)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 
 from gradaccum import checkpoint, sync
 from gradaccum.accumulator import Accumulator, LossFn, StepResult
+from gradaccum.memory import candidate_micro_batches, next_smaller
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -212,10 +213,10 @@ class Trainer:
         return None
 
     def _shrink_micro_batch(self, acc: Accumulator, step: int) -> None:
-        smaller = [d for d in range(1, self.micro_batch) if self.per_rank % d == 0]
-        if not smaller:
+        smaller = next_smaller(candidate_micro_batches(self.per_rank), self.micro_batch)
+        if smaller is None:
             raise RuntimeError(f"out of memory at step {step + 1} even with micro-batch 1")
-        old, self.micro_batch = self.micro_batch, smaller[-1]
+        old, self.micro_batch = self.micro_batch, smaller
         self.accum_steps = acc.accum_steps = self.per_rank // self.micro_batch
         if self.rank == 0:
             print(
