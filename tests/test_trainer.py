@@ -44,8 +44,8 @@ def test_data_order_depends_only_on_seed_and_step():
     seen = [i for s in range(12) for i in a.step_indices(s)]
     assert len(set(seen)) == 192
     # ... and the next epoch is reshuffled, not repeated.
-    e0 = a._permutation(0).tolist()
-    e1 = a._permutation(1).tolist()
+    e0 = a._permutation(0)
+    e1 = a._permutation(1)
     assert sorted(e0) == sorted(e1) == list(range(200)) and e0 != e1
     assert _trainer(seed=1).step_indices(0) != a.step_indices(0)
 

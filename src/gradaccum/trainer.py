@@ -95,20 +95,20 @@ class Trainer:
         self.per_rank = self.effective_batch // self.world_size
         self.accum_steps = self.per_rank // self.micro_batch
         self._perm_epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
+        self._perm: list[int] = []
 
     # ------------------------------------------------------------------ data
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g).tolist(), epoch
         return self._perm
 
     def step_indices(self, step: int) -> list[int]:
         """Dataset indices of optimizer step ``step`` for this rank (its contiguous shard)."""
         n = len(self.dataset)
         start = step * self.effective_batch + self.rank * self.per_rank
-        return [int(self._permutation(p // n)[p % n]) for p in range(start, start + self.per_rank)]
+        return [self._permutation(p // n)[p % n] for p in range(start, start + self.per_rank)]
 
     def micro_batches(self, step: int) -> Iterator[Any]:
         """This rank's micro-batches of step ``step``, collated lazily one at a time."""
