@@ -310,8 +310,10 @@ def test_nonfinite_micro_batch_changes_nothing(shape: str, bad: float, gen: torc
         assert set(st) == set(after["state"][i]) and {"step", "exp_avg", "exp_avg_sq"} <= set(st)
         assert all(torch.equal(st[name], after["state"][i][name]) for name in st)
     assert sched.last_epoch == 1
-    assert {**acc.state_dict(), "skipped_steps": 0} == {**counters, "skipped_steps": 0}
+    skips = {"skipped_steps": 0, "consecutive_skipped": 0}
+    assert {**acc.state_dict(), **skips} == {**counters, **skips}
     assert acc.state_dict()["skipped_steps"] == counters["skipped_steps"] + 1
+    assert acc.state_dict()["consecutive_skipped"] == counters["consecutive_skipped"] + 1
     assert all(p.grad is None for p in model.parameters())
 
     # The next window trains normally: same as a run that never saw the bad window.

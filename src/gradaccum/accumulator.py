@@ -13,6 +13,7 @@ import contextlib
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,17 @@ class Accumulator:
             micro-batch instead of only the window's last. Still exact, but k times the
             traffic. Worth it only with FSDP2: gradients are then reduce-scattered and kept
             sharded, instead of held unsharded (a full gradient per rank) through the window.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: every micro-batch's
+            backward is scaled, the window is unscaled once (before normalisation,
+            clipping and the non-finite check), an overflow skips the window and the
+            scaler backs off.
+        max_skipped_windows: raise RuntimeError after this many consecutive skipped
+            windows (non-finite gradient, fp16 overflow, or no items); None: never.
+
+    The parameters a window covers are re-read from the optimizer (and the model) each
+    time a window opens, so a parameter outside the model (a learnable loss weight) or
+    one unfrozen later and added with ``optimizer.add_param_group`` is normalised,
+    clipped, checked and summed over ranks like every other.
     """
 
     def __init__(
@@ -143,52 +155,91 @@ class Accumulator:
         grad_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
         sync_every_micro_batch: bool = False,
+        grad_scaler: Any = None,
+        max_skipped_windows: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(accum_steps, bool) or not isinstance(accum_steps, numbers.Integral):
-            raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
-        if accum_steps < 1:
-            raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+        _check_accum_steps(accum_steps)
         if max_grad_norm is not None and not (max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if grad_dtype is not None and not (
             isinstance(grad_dtype, torch.dtype) and grad_dtype.is_floating_point
         ):
             raise TypeError(f"grad_dtype must be a floating torch.dtype, got {grad_dtype!r}")
+        if max_skipped_windows is not None and (
+            isinstance(max_skipped_windows, bool)
+            or not isinstance(max_skipped_windows, numbers.Integral)
+            or max_skipped_windows < 1
+        ):
+            raise ValueError(f"max_skipped_windows must be an int >= 1 or None, got {max_skipped_windows!r}")
+        if grad_scaler is not None:
+            if not all(callable(getattr(grad_scaler, m, None)) for m in ("scale", "unscale_", "update")):
+                raise TypeError("grad_scaler must be a torch.amp.GradScaler (scale, unscale_, update)")
+            if grad_dtype is not None:
+                raise ValueError(
+                    "grad_scaler with grad_dtype is not supported: fp16 training with a GradScaler "
+                    "keeps fp32 weights (autocast), whose gradients are fp32 already"
+                )
         self.model = model
         self.optimizer = optimizer
-        self.accum_steps = int(accum_steps)
+        self._accum_steps = int(accum_steps)
         self.scheduler = scheduler
         self.max_grad_norm = max_grad_norm
         self.grad_dtype = grad_dtype
         self.skip_nonfinite = skip_nonfinite
         self.sync_every_micro_batch = bool(sync_every_micro_batch)
+        self.grad_scaler = grad_scaler
+        self.max_skipped_windows = max_skipped_windows
         self._reduction = sync.grad_reduction(model)
         if grad_dtype is not None and self._reduction in ("ddp", "fsdp"):
             raise ValueError(
                 "grad_dtype is not supported with DDP/FSDP wrappers: keep fp32 master "
                 "parameters, or use FSDP2's MixedPrecisionPolicy(reduce_dtype=torch.float32)"
             )
-        self._params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        # [distributed] Parameters whose gradients the wrapper (DDP/FSDP2) reduces; every
+        # other trainable parameter the window covers is summed over ranks by gradaccum.
+        self._wrapper_params = _wrapper_reduced(model, self._reduction)
+        self._params: list[torch.Tensor] = []
+        self._extra: list[torch.Tensor] = []  # trainable, not reduced by the wrapper
+        self._refresh_params()
         # Counters (state_dict) and the open window.
         self.step_count = 0
         self.skipped_steps = 0
+        self.consecutive_skipped = 0
+        self._skip_reasons: dict[str, int] = {}
         self.micro_steps = 0
         self.items_seen: int | float = 0
         self._hooks: list[Any] = []
         self._reset_window()
         self._in_micro = False
         self._in_step = False
+        self._applying = False  # inside our own optimizer.step()/zero_grad()
         # fp32 (or grad_dtype) buffers: each micro-batch's low-precision gradient is
         # added here right after it is accumulated, then p.grad is dropped, so
         # low-precision sums never pile up over the window.
         # The hooks that fill them live only while a window is open (see _open_window),
         # so a model outlives its Accumulator with ordinary .grad behaviour.
         self._buffers: dict[int, torch.Tensor] = {}
+        _guard_optimizer(self)
         _warn_batchnorm(model)
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per window (shape (a)); may change between windows, never inside one."""
+        return self._accum_steps
+
+    @accum_steps.setter
+    def accum_steps(self, value: int) -> None:
+        _check_accum_steps(value)
+        if self._window_open():
+            raise AccumulatorStateError(
+                f"accum_steps changed from {self._accum_steps} to {value} inside an open window: "
+                "change it between windows (after a StepResult or flush())"
+            )
+        self._accum_steps = int(value)
 
     # ----------------------------------------------------------------- shape (a)
     @contextlib.contextmanager
@@ -203,6 +254,8 @@ class Accumulator:
         if self._in_micro:
             raise AccumulatorStateError("micro_step() blocks cannot be nested")
         last = self._micro_in_window + 1 >= self.accum_steps
+        if last and self._checks_boundaries():
+            self._agree_on_boundary(closing_complete=True)
         self._in_micro = True
         self._did_backward = False
         try:
@@ -233,9 +286,8 @@ class Accumulator:
         """
         if self._in_micro or self._in_step:
             raise AccumulatorStateError("flush() inside micro_step()/step()")
-        if sync.is_distributed() and sync.world_size() > 1:
-            n = torch.tensor([float(self._micro_in_window)], device=self._stat_device())
-            if sync.all_reduce_sum(n).item() == 0:
+        if self._checks_boundaries():
+            if self._agree_on_boundary(closing_complete=False) == 0:
                 return None
         elif self._micro_in_window == 0:
             return None
@@ -252,6 +304,8 @@ class Accumulator:
             )
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(model, micro_batch)")
+        if self._checks_boundaries():
+            self._agree_on_boundary(closing_complete=True)
         pairs = _flag_last(micro_batches)
         self._in_step = True
         try:
@@ -285,6 +339,7 @@ class Accumulator:
         return {
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skipped": self.consecutive_skipped,
             "micro_steps": self.micro_steps,
             "items_seen": self.items_seen,
             "accum_steps": self.accum_steps,
@@ -300,10 +355,24 @@ class Accumulator:
         self.skipped_steps = int(state["skipped_steps"])
         self.micro_steps = int(state["micro_steps"])
         self.items_seen = state["items_seen"]
+        self.consecutive_skipped = int(state.get("consecutive_skipped", 0))  # absent before 0.2
 
     # ----------------------------------------------------------------- internals
+    def _refresh_params(self) -> None:
+        """Re-read which parameters a window covers: the optimizer's and the model's trainable ones.
+
+        Done when a window opens (a loop over the parameters we make then anyway), so a
+        parameter added with ``optimizer.add_param_group`` or unfrozen since the last
+        window is covered, and one frozen since is left alone.
+        """
+        params = dict.fromkeys(self.model.parameters())
+        params.update(dict.fromkeys(p for g in self.optimizer.param_groups for p in g["params"]))
+        self._params = [p for p in params if p.requires_grad]
+        self._extra = [p for p in self._params if p not in self._wrapper_params]
+
     def _open_window(self) -> None:
         """Before a window's first backward: drop stray gradients, attach grad_dtype hooks."""
+        self._refresh_params()
         for p in self._params:
             p.grad = None
         if self.grad_dtype is not None:
@@ -331,7 +400,10 @@ class Accumulator:
         n = count_items(num_items)
         if self._micro_in_window == 0:
             self._open_window()
-        loss_sum.backward()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss_sum).backward()  # fp16: scaled, unscaled once per window
+        else:
+            loss_sum.backward()
         # Keep the logged loss in float64 on the device: no host sync per micro-batch.
         d = loss_sum.detach().to(torch.float64)
         self._loss_acc = d if self._loss_acc is None else self._loss_acc + d
@@ -362,17 +434,19 @@ class Accumulator:
                 out.append(g)
         return out
 
-    def _all_reduce_grads(self) -> None:
-        """[distributed] Sum the window's gradients over ranks ourselves (no wrapper sync ran).
+    def _all_reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """[distributed] Sum these parameters' window gradients over ranks ourselves.
 
-        Missing gradients (a rank with no micro-batch in a partial window, an unused
-        parameter) count as zero, so every rank ends with the same gradients.
+        Used where no wrapper sync ran (a partial window, an unwrapped model) and for
+        parameters no wrapper reduces (outside the model, or unfrozen after DDP was
+        built). Missing gradients (a rank with no micro-batch in a partial window, an
+        unused parameter) count as zero, so every rank ends with the same gradients.
         """
-        buffered = {id(p) for p in self._params if self.grad_dtype is not None and p.dtype != self.grad_dtype}
-        dtypes = [self.grad_dtype if id(p) in buffered else p.dtype for p in self._params]
-        current = [self._buffers.get(id(p), p.grad) for p in self._params]
-        summed = sync.all_reduce_optional_grads_sum(current, self._params, dtypes)  # type: ignore[arg-type]
-        for p, old, new in zip(self._params, current, summed, strict=True):
+        buffered = {id(p) for p in params if self.grad_dtype is not None and p.dtype != self.grad_dtype}
+        dtypes = [self.grad_dtype if id(p) in buffered else p.dtype for p in params]
+        current = [self._buffers.get(id(p), p.grad) for p in params]
+        summed = sync.all_reduce_optional_grads_sum(current, params, dtypes)  # type: ignore[arg-type]
+        for p, old, new in zip(params, current, summed, strict=True):
             if old is None and new is not None:
                 if id(p) in buffered:
                     self._buffers[id(p)] = new
@@ -390,42 +464,107 @@ class Accumulator:
             items = items + self._items_t.to(dev)
         return sync.all_reduce_sum(torch.stack([loss, items]))
 
-    def _finish_window(self) -> StepResult:
-        stats = self._window_stats()
-        factor = 1.0
-        # [distributed] Which sum over ranks the gradients hold now.
+    def _reduce_over_ranks(self) -> list[torch.Tensor]:
+        """[distributed] Make every rank hold the window's gradient summed over ranks.
+
+        Returns the gradients that hold the wrapper's *average* over ranks (DDP/FSDP2
+        after their synced backward): those are divided by items / world_size, the
+        others by items, so all end as the same full-window mean.
+        """
+        averaged: list[torch.Tensor] = []
         if self._reduction in ("ddp", "fsdp") and self._synced:
-            factor = float(sync.world_size())  # the wrapper averaged; we want the sum
+            averaged = [g for p in self._params if p in self._wrapper_params
+                        for g in (self._buffers.get(id(p), p.grad),) if g is not None]
+            if self._extra:
+                self._all_reduce_grads(self._extra)
         elif self._reduction == "fsdp":
             sync.reduce_fsdp_deferred_grads(self.model)  # partial window: FSDP2 held them back
+            if self._extra:
+                self._all_reduce_grads(self._extra)
         elif self._reduction != "local":
-            self._all_reduce_grads()  # partial window under DDP, or an unwrapped model
-        grads = self._grads()
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        # Normalise and take the norm on the device, then read loss, items and norm back
-        # in one transfer: the window's only host sync.
-        scale_grads_(grads, stats[1] / factor)
-        norm_t = total_norm(grads).to(stats.device, torch.float64)
-        loss_total, items_total, norm = torch.cat([stats, norm_t.reshape(1)]).tolist()
-        if items_total < 0:
-            self._discard_window()
-            raise ValueError(f"num_items summed to {items_total} over the window: counts must be >= 0")
-        num_items = int(items_total) if float(items_total).is_integer() else items_total
-        if items_total == 0:
-            return self._skip(float("nan"), num_items, float("nan"), lr)
-        loss = loss_total / items_total
-        if self.skip_nonfinite and not math.isfinite(norm):
-            return self._skip(loss, num_items, norm, lr)
-        if self.max_grad_norm is not None:
-            clip_grads_(grads, self.max_grad_norm, norm)
-        self._move_buffers_to_grads()
-        self.optimizer.step()
-        if self.scheduler is not None:
+            self._all_reduce_grads(self._params)  # partial window under DDP, or an unwrapped model
+        return averaged
+
+    def _finish_window(self) -> StepResult:
+        """Normalise, check, clip and apply the window: atomically.
+
+        Whatever raises on the way (the optimizer, the scheduler, a collective), the
+        window is closed and its gradients dropped, so nothing is ever applied twice.
+        """
+        self._applying = True
+        unscaled = stepped = False
+        num_items: int | float = 0
+        try:
+            stats = self._window_stats()
+            averaged = self._reduce_over_ranks()
+            if self.grad_scaler is not None:
+                self._unscale()
+                unscaled = True
+            grads = self._grads()
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            # Normalise and take the norm on the device, then read loss, items and norm
+            # back in one transfer: the window's only host sync.
+            if averaged:
+                kept = {id(g) for g in averaged}
+                scale_grads_(averaged, stats[1] / sync.world_size())
+                scale_grads_([g for g in grads if id(g) not in kept], stats[1])
+            else:
+                scale_grads_(grads, stats[1])
+            norm_t = total_norm(grads).to(stats.device, torch.float64)
+            loss_total, items_total, norm = torch.cat([stats, norm_t.reshape(1)]).tolist()
+            if items_total < 0:
+                raise ValueError(f"num_items summed to {items_total} over the window: counts must be >= 0")
+            num_items = int(items_total) if float(items_total).is_integer() else items_total
+            if items_total == 0:
+                return self._skip(float("nan"), num_items, float("nan"), lr, "no items")
+            loss = loss_total / items_total
+            if not math.isfinite(norm) and (self.skip_nonfinite or unscaled):
+                reason = "fp16 overflow (grad scaler)" if unscaled else "non-finite gradient"
+                return self._skip(loss, num_items, norm, lr, reason)
+            if self.max_grad_norm is not None:
+                clip_grads_(grads, self.max_grad_norm, norm)
+            self._move_buffers_to_grads()
+            self.optimizer.step()
+            stepped = True
+            self.step_count += 1
+            self.consecutive_skipped = 0
+            self._step_scheduler(loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._close_window(num_items)
+            return StepResult(loss, num_items, norm, False, lr, self.step_count)
+        except BaseException:
+            if self._micro_in_window:
+                if stepped:  # the weights moved: the step counts, its gradients go
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._close_window(num_items)
+                else:
+                    self._discard_window()
+            raise
+        finally:
+            if unscaled:
+                self.grad_scaler.update()  # backs off after an overflow that unscale_ found
+            self._applying = False
+
+    def _unscale(self) -> None:
+        """fp16: divide the window's summed gradients by the loss scale, once per window.
+
+        ``unscale_`` covers the optimizer's parameters and records overflow for the
+        scaler's ``update()``; trainable model parameters outside the optimizer (rare)
+        are divided here too, so the norm is over true gradients.
+        """
+        self.grad_scaler.unscale_(self.optimizer)
+        stepped = {p for g in self.optimizer.param_groups for p in g["params"]}
+        others = [p.grad for p in self._params if p not in stepped and p.grad is not None]
+        if others:
+            torch._foreach_div_(others, float(self.grad_scaler.get_scale()))
+
+    def _step_scheduler(self, loss: float) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(loss)  # a metric scheduler: the window's exact mean loss
+        else:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
-        self._close_window(num_items)
-        return StepResult(loss, num_items, norm, False, lr, self.step_count)
 
     def _move_buffers_to_grads(self) -> None:
         for p in self._params:
@@ -433,9 +572,19 @@ class Accumulator:
             if buf is not None:
                 p.grad = buf.to(p.dtype)
 
-    def _skip(self, loss: float, num_items: int | float, norm: float, lr: float) -> StepResult:
+    def _skip(self, loss: float, num_items: int | float, norm: float, lr: float, reason: str) -> StepResult:
         self._discard_window()
         self.skipped_steps += 1
+        self.consecutive_skipped += 1
+        self._skip_reasons[reason] = self._skip_reasons.get(reason, 0) + 1
+        limit = self.max_skipped_windows
+        if limit is not None and self.consecutive_skipped >= limit:
+            why = ", ".join(f"{n} x {r}" for r, n in self._skip_reasons.items())
+            raise RuntimeError(
+                f"gradaccum: {self.consecutive_skipped} consecutive windows skipped (max_skipped_windows="
+                f"{limit}; skips so far: {why}): training is not progressing; check the data, the loss "
+                "and the learning rate"
+            )
         return StepResult(loss, num_items, norm, True, lr, self.step_count)
 
     def _close_window(self, num_items: int | float) -> None:
@@ -450,8 +599,53 @@ class Accumulator:
             p.grad = None
         if self._reduction == "fsdp":
             sync.drop_fsdp_deferred_grads(self.model)  # [distributed] else they leak into the next window
-        self.optimizer.zero_grad(set_to_none=True)
+        applying, self._applying = self._applying, True
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self._applying = applying
         self._reset_window()
+
+    # ----------------------------------------------------------------- guards
+    def _window_open(self) -> bool:
+        return bool(self._micro_in_window or self._in_micro or self._in_step)
+
+    def _refuse_if_open(self, call: str) -> None:
+        """The optimizer guard: the user's own step()/zero_grad() would corrupt an open window."""
+        if self._window_open() and not self._applying:
+            raise AccumulatorStateError(
+                f"{call} called while an accumulation window is open ({self._micro_in_window} of "
+                f"{self.accum_steps} micro-batches): the Accumulator steps and clears the optimizer "
+                "itself; remove the call from your loop"
+            )
+
+    def _checks_boundaries(self) -> bool:
+        """[distributed] Whether window boundaries are agreed between ranks (see below)."""
+        return self._reduction != "local" and sync.world_size() > 1
+
+    def _agree_on_boundary(self, closing_complete: bool) -> int:
+        """[distributed] Every rank says how it closes this window: one 3-number all-reduce.
+
+        A window closes either with a synchronising backward (its last micro-batch in
+        ``micro_step()``, or ``step()``) or with ``flush()``. Their collectives differ,
+        so if one rank does the first while another does the second, the backends fail
+        with a collective mismatch (gloo aborts the process). Asked first, every rank
+        learns of it and raises the same one-line error instead. Returns the number of
+        micro-batches open over all ranks (what ``flush()`` needs anyway).
+        """
+        t = torch.tensor(
+            [float(closing_complete), float(not closing_complete), float(self._micro_in_window)],
+            dtype=torch.float64, device=self._stat_device(),
+        )
+        complete, flushing, open_micro = sync.all_reduce_sum(t).tolist()
+        if complete and flushing:
+            self._discard_window()
+            raise AccumulatorStateError(
+                f"ranks disagree on the window boundary: {int(complete)} rank(s) closed a window with a "
+                f"synchronising micro-batch while {int(flushing)} called flush() on a partial one; give "
+                "every rank the same number of micro-batches per window (shape (a)), or use step()"
+            )
+        return int(open_micro)
 
 
 def _flag_last(micro_batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
@@ -471,6 +665,50 @@ def _flag_last(micro_batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     while nxt is not sentinel:
         mb, nxt = nxt, next(it, sentinel)
         yield mb, nxt is sentinel
+
+
+def _check_accum_steps(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"accum_steps must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {value}")
+
+
+def _wrapper_reduced(model: nn.Module, reduction: str) -> set[torch.Tensor]:
+    """[distributed] The parameters whose gradients the DDP/FSDP2 wrapper all-reduces."""
+    if reduction == "ddp":
+        # DDP reduces what required grad when it was built (its ``_module_parameters``);
+        # a parameter unfrozen later is reduced by gradaccum instead.
+        return set(getattr(model, "_module_parameters", None) or model.parameters())
+    if reduction == "fsdp":
+        return set(model.parameters())
+    return set()
+
+
+def _guard_optimizer(acc: Accumulator) -> None:
+    """Make the user's own ``optimizer.step()`` / ``zero_grad()`` refuse to run mid-window.
+
+    A leftover ``zero_grad()`` silently drops part of a window, a leftover ``step()``
+    applies an unnormalised one (both measured: accuracy 0.899 -> 0.808, and divergence).
+    ``step`` has a public pre-hook; ``zero_grad`` has none, so the instance's method is
+    wrapped (optimizers pickle without instance attributes, so saving is unaffected).
+    Both checks are a few attribute reads, once per optimizer call.
+    """
+    ref = weakref.ref(acc)
+
+    def check(call: str) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._refuse_if_open(call)
+
+    acc.optimizer.register_step_pre_hook(lambda opt, args, kwargs: check("optimizer.step()"))
+    inner = acc.optimizer.zero_grad
+
+    def zero_grad(*args: Any, **kwargs: Any) -> None:
+        check("optimizer.zero_grad()")
+        inner(*args, **kwargs)
+
+    acc.optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
 
 
 def _warn_batchnorm(model: nn.Module) -> None:
