@@ -314,6 +314,88 @@ def scenario_fsdp(out: Path) -> None:
     distributed.teardown()
 
 
+# Extra-parameter scenario: (window, per-rank micro-batch sizes); accum_steps 2, so the
+# last window is partial on rank 0 and empty on rank 1. ``out`` is unfrozen before window 1.
+PARAM_WINDOWS = [[[2, 3], [1, 2]], [[3, 1], [2, 2]], [[2], []]]
+PARAM_ACCUM = 2
+PARAM_LR = 0.2
+
+
+def tempered_loss(model: Any, temperature: torch.Tensor, mb: dict[str, torch.Tensor]) -> Any:
+    """Sum loss with logits divided by a temperature that the model does not own."""
+    import torch.nn.functional as F
+    from conftest import IGNORE
+
+    logits = model(mb["ids"]) / temperature
+    flat = logits.reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, mb["labels"].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, (mb["labels"] != IGNORE).sum()
+
+
+def scenario_ddp_params(out: Path) -> None:
+    """DDP with a parameter outside the model and one unfrozen after DDP was built."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import gradaccum as ga
+    from gradaccum import distributed
+
+    distributed.setup_from_env()
+    r = dist.get_rank()
+    lm = _tiny_lm()
+    lm.out.requires_grad_(False)
+    model = DDP(lm)  # DDP will not reduce ``out``: it was frozen when DDP was built
+    temperature = torch.nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+    opt = torch.optim.SGD([*(p for p in lm.parameters() if p.requires_grad), temperature], lr=PARAM_LR)
+    acc = ga.Accumulator(model, opt, accum_steps=PARAM_ACCUM)
+    for w, per_rank in enumerate(PARAM_WINDOWS):
+        if w == 1:
+            lm.out.requires_grad_(True)
+            opt.add_param_group({"params": list(lm.out.parameters())})
+        res = None
+        for mb in window_data("params", w, r, per_rank[r]):
+            with acc.micro_step():
+                res = acc.backward(*tempered_loss(model, temperature, mb))
+        if res is None:
+            acc.flush()
+    torch.save({"params": [_full(p) for p in lm.parameters()] + [temperature.detach().clone()]},
+               out / f"rank{r}.pt")
+    distributed.teardown()
+
+
+def scenario_mismatch(out: Path) -> None:
+    """Rank 0 completes a window while rank 1 flushes a partial one: one error on both."""
+    import torch.distributed as dist
+    from conftest import lm_loss_fn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import gradaccum as ga
+    from gradaccum import distributed
+
+    distributed.setup_from_env()
+    r = dist.get_rank()
+    model = DDP(_tiny_lm())
+    acc = ga.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accum_steps=3)
+    messages = []
+    for case in ("micro_step", "step"):
+        try:
+            mbs = window_data(case, 0, r, [2, 1, 3] if r == 0 else [2, 2])
+            if r == 0 and case == "step":
+                acc.step(mbs, lm_loss_fn)
+            else:
+                for mb in mbs:
+                    with acc.micro_step():
+                        acc.backward(*lm_loss_fn(model, mb))
+                acc.flush()
+            messages.append(None)
+        except ga.AccumulatorStateError as e:
+            messages.append(str(e))
+    # Both ranks dropped the window and can go on together.
+    res = acc.step(window_data("after", 0, r, [2]), lm_loss_fn)
+    torch.save({"messages": messages, "after_step": res.step}, out / f"rank{r}.pt")
+    distributed.teardown()
+
+
 def scenario_hang(out: Path) -> None:
     """Rank 1 stops answering; rank 0's next collective must fail by the timeout."""
     import torch.distributed as dist
@@ -404,7 +486,9 @@ def main() -> None:
     if scenario == "cli":
         scenario_cli(out, rest)
     else:
-        {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "hang": scenario_hang}[scenario](out)
+        scenarios = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "hang": scenario_hang,
+                     "ddp_params": scenario_ddp_params, "mismatch": scenario_mismatch}
+        scenarios[scenario](out)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,44 @@ def test_sync_every_micro_batch(request: pytest.FixtureRequest, records: str, va
             assert entry["comms"] == plain * n
 
 
+# ----------------------------------------------------------------------------- every parameter
+def test_ddp_reduces_parameters_outside_the_model_and_unfrozen_later(tmp_path: Path) -> None:
+    """A temperature the model does not own, and ``out`` unfrozen after DDP was built (DDP
+    does not reduce either): both are summed over ranks and normalised like the rest."""
+    from conftest import cat_batches
+
+    records = run_scenario("ddp_params", tmp_path)
+    lm = make_lm(torch.float64, seed=0)
+    lm.out.requires_grad_(False)
+    temperature = torch.nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+    opt = torch.optim.SGD([*(p for p in lm.parameters() if p.requires_grad), temperature], lr=dh.PARAM_LR)
+    for w, per_rank in enumerate(dh.PARAM_WINDOWS):
+        if w == 1:
+            lm.out.requires_grad_(True)
+            opt.add_param_group({"params": list(lm.out.parameters())})
+        batch = cat_batches([mb for r in range(dh.WORLD) for mb in dh.window_data("params", w, r, per_rank[r])])
+        opt.zero_grad(set_to_none=True)
+        loss, n = dh.tempered_loss(lm, temperature, batch)
+        (loss / n).backward()
+        opt.step()
+    want = [*params_of(lm), temperature.detach()]
+    for rec in records:
+        for a, b in zip(rec["params"], want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ranks_that_disagree_on_a_window_boundary_fail_with_one_line(tmp_path: Path) -> None:
+    """One rank completes a window (DDP's synchronising backward, or step()) while another
+    flushes a partial one: a gradaccum error on every rank instead of a gloo abort."""
+    records = run_scenario("mismatch", tmp_path)
+    for rec in records:
+        assert len(rec["messages"]) == 2
+        for msg in rec["messages"]:
+            assert msg is not None and "ranks disagree on the window boundary" in msg
+            assert "\n" not in msg
+        assert rec["after_step"] == 1  # the windows were dropped on both ranks; training goes on
+
+
 # ----------------------------------------------------------------------------- failures
 def test_hung_rank_fails_the_others_within_the_timeout(tmp_path: Path) -> None:
     timeout_s = 3

@@ -677,9 +677,12 @@ def _check_accum_steps(value: Any) -> None:
 def _wrapper_reduced(model: nn.Module, reduction: str) -> set[torch.Tensor]:
     """[distributed] The parameters whose gradients the DDP/FSDP2 wrapper all-reduces."""
     if reduction == "ddp":
-        # DDP reduces what required grad when it was built (its ``_module_parameters``);
-        # a parameter unfrozen later is reduced by gradaccum instead.
-        return set(getattr(model, "_module_parameters", None) or model.parameters())
+        # DDP reduces what required grad when it was built, less what it was told to
+        # ignore; we read that now, so build the Accumulator right after DDP. A parameter
+        # unfrozen later is reduced by gradaccum instead.
+        managed = getattr(model, "_module_parameters", None) or list(model.parameters())
+        delayed = getattr(model, "_delay_all_reduce_params", None) or []
+        return {p for p in managed if p.requires_grad} | set(delayed)
     if reduction == "fsdp":
         return set(model.parameters())
     return set()
