@@ -163,7 +163,8 @@ def test_ddp_reduces_parameters_outside_the_model_and_unfrozen_later(tmp_path: P
         if w == 1:
             lm.out.requires_grad_(True)
             opt.add_param_group({"params": list(lm.out.parameters())})
-        batch = cat_batches([mb for r in range(dh.WORLD) for mb in dh.window_data("params", w, r, per_rank[r])])
+        micro = [mb for r in range(dh.WORLD) for mb in dh.window_data("params", w, r, per_rank[r])]
+        batch = cat_batches(micro)
         opt.zero_grad(set_to_none=True)
         loss, n = dh.tempered_loss(lm, temperature, batch)
         (loss / n).backward()
