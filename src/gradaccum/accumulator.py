@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gradaccum import sync
+from gradaccum.noise import NoiseScale, SmallBatchSums
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, int | torch.Tensor]"]
 
@@ -46,6 +47,9 @@ class StepResult:
     """Learning rate of the first param group used for this step."""
     step: int
     """Optimizer steps taken so far (skipped windows not counted)."""
+    noise_scale: float | None = None
+    """EMA estimate of the gradient noise scale B_simple, in items (``measure_noise=True``);
+    None until two windows were measured."""
 
 
 def _check_loss(loss_sum: Any) -> None:
@@ -138,6 +142,12 @@ class Accumulator:
             scaler backs off.
         max_skipped_windows: raise RuntimeError after this many consecutive skipped
             windows (non-finite gradient, fp16 overflow, or no items); None: never.
+        measure_noise: estimate the gradient noise scale (``StepResult.noise_scale``,
+            see :mod:`gradaccum.noise`) from the running gradient sums after each
+            micro-batch and the window's gradient. Changes no weight; costs one fused
+            norm over the gradients per micro-batch. Not with FSDP2 (its gradients are
+            held unsharded inside FSDP2 until the window's last micro-batch). Pass a
+            ``gradaccum.noise.NoiseScale`` to choose its EMA decay.
 
     The parameters a window covers are re-read from the optimizer (and the model) each
     time a window opens, so a parameter outside the model (a learnable loss weight) or
@@ -157,6 +167,7 @@ class Accumulator:
         sync_every_micro_batch: bool = False,
         grad_scaler: Any = None,
         max_skipped_windows: int | None = None,
+        measure_noise: bool | NoiseScale = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -194,6 +205,12 @@ class Accumulator:
         self.grad_scaler = grad_scaler
         self.max_skipped_windows = max_skipped_windows
         self._reduction = sync.grad_reduction(model)
+        if measure_noise and self._reduction == "fsdp":
+            raise ValueError("measure_noise is not supported with FSDP2: pass measure_noise=False")
+        # True: the default estimator; a NoiseScale instance: that one (e.g. another EMA decay).
+        self._noise = measure_noise if isinstance(measure_noise, NoiseScale) else (
+            NoiseScale() if measure_noise else None
+        )
         if grad_dtype is not None and self._reduction in ("ddp", "fsdp"):
             raise ValueError(
                 "grad_dtype is not supported with DDP/FSDP wrappers: keep fp32 master "
@@ -273,7 +290,7 @@ class Accumulator:
         if self._did_backward:
             raise AccumulatorStateError("backward() called twice in one micro_step()")
         last = self._micro_in_window + 1 >= self.accum_steps
-        self._backward(loss_sum, num_items, synced=last or self.sync_every_micro_batch)
+        self._backward(loss_sum, num_items, last=last, synced=last or self.sync_every_micro_batch)
         self._did_backward = True
         if self._micro_in_window >= self.accum_steps:
             return self._finish_window()
@@ -315,7 +332,7 @@ class Accumulator:
                     out = loss_fn(self.model, mb)
                     if not (isinstance(out, (tuple, list)) and len(out) == 2):
                         raise TypeError("loss_fn must return (loss_sum, num_items)")
-                    self._backward(out[0], out[1], synced=synced)
+                    self._backward(out[0], out[1], last=last, synced=synced)
                 del mb, out  # the optimizer step need not hold the last micro-batch alive
         except BaseException:
             self._discard_window()
@@ -343,6 +360,7 @@ class Accumulator:
             "micro_steps": self.micro_steps,
             "items_seen": self.items_seen,
             "accum_steps": self.accum_steps,
+            **({"noise": self._noise.state_dict()} if self._noise is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,6 +374,8 @@ class Accumulator:
         self.micro_steps = int(state["micro_steps"])
         self.items_seen = state["items_seen"]
         self.consecutive_skipped = int(state.get("consecutive_skipped", 0))  # absent before 0.2
+        if self._noise is not None and "noise" in state:
+            self._noise.load_state_dict(state["noise"])
 
     # ----------------------------------------------------------------- internals
     def _refresh_params(self) -> None:
@@ -391,11 +411,14 @@ class Accumulator:
         self._items_num: int | float = 0
         self._items_t: torch.Tensor | None = None
         self._synced = False
+        # measure_noise: this rank's running gradient sums after each micro-batch, as
+        # (|A_j|² on the device, items so far: a number and a device tensor or None).
+        self._prefixes: list[tuple[torch.Tensor, int | float, torch.Tensor | None]] = []
 
     def _stat_device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
 
-    def _backward(self, loss_sum: Any, num_items: Any, synced: bool) -> None:
+    def _backward(self, loss_sum: Any, num_items: Any, last: bool, synced: bool) -> None:
         _check_loss(loss_sum)
         n = count_items(num_items)
         if self._micro_in_window == 0:
@@ -414,6 +437,22 @@ class Accumulator:
             self._items_num += n
         self._micro_in_window += 1
         self._synced = synced
+        if self._noise is not None:
+            self._record_prefix(last, synced)
+
+    def _record_prefix(self, last: bool, synced: bool) -> None:
+        """measure_noise: the squared norm of this rank's running gradient sum, on the device.
+
+        The running sum A_j after micro-batch j is the SUM gradient of the c_j items seen
+        so far, a sub-batch of the window like any other: E|A_j|²/c_j = c_j·|G|² + tr Σ,
+        which is all the estimator needs (see gradaccum.noise). So no per-parameter hook
+        and no copy of the gradients: one fused norm per micro-batch.
+        """
+        if synced and self._reduction in ("ddp", "fsdp"):
+            return  # the wrapper reduced it over ranks: that is the window, not a sub-batch
+        if last and self._reduction == "local":
+            return  # on one process the last running sum *is* the window
+        self._prefixes.append((_squared_norm(self._grads()), self._items_num, self._items_t))
 
     def _stash_grad(self, p: torch.Tensor) -> None:
         if p.grad is None:
@@ -462,7 +501,25 @@ class Accumulator:
         items = torch.tensor(float(self._items_num), dtype=torch.float64, device=dev)
         if self._items_t is not None:
             items = items + self._items_t.to(dev)
-        return sync.all_reduce_sum(torch.stack([loss, items]))
+        parts = [loss, items]
+        if self._noise is not None:
+            parts += self._prefix_sums(dev)
+        return sync.all_reduce_sum(torch.stack(parts))
+
+    def _prefix_sums(self, dev: torch.device) -> list[torch.Tensor]:
+        """measure_noise: this rank's (Σ_j |A_j|²/c_j, n, Σ_j c_j) over its running sums,
+        on the device (summed over ranks with the window's loss and items)."""
+        if not self._prefixes:
+            return [torch.zeros((), dtype=torch.float64, device=dev)] * 3
+        sq = torch.stack([s.to(dev) for s, _, _ in self._prefixes])
+        items = torch.tensor([float(n) for _, n, _ in self._prefixes], dtype=torch.float64, device=dev)
+        tensors = [t for _, _, t in self._prefixes]
+        if any(t is not None for t in tensors):
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            items = items + torch.stack([zero if t is None else t.to(dev) for t in tensors])
+        seen = items > 0  # a running sum over no items yet has no mean gradient
+        weighted = torch.where(seen, sq / items.clamp_min(1e-300), 0.0).sum()
+        return [weighted, seen.sum().to(torch.float64), torch.where(seen, items, 0.0).sum()]
 
     def _reduce_over_ranks(self) -> list[torch.Tensor]:
         """[distributed] Make every rank hold the window's gradient summed over ranks.
@@ -511,7 +568,7 @@ class Accumulator:
             else:
                 scale_grads_(grads, stats[1])
             norm_t = total_norm(grads).to(stats.device, torch.float64)
-            loss_total, items_total, norm = torch.cat([stats, norm_t.reshape(1)]).tolist()
+            loss_total, items_total, *noise_sums, norm = torch.cat([stats, norm_t.reshape(1)]).tolist()
             if items_total < 0:
                 raise ValueError(f"num_items summed to {items_total} over the window: counts must be >= 0")
             num_items = int(items_total) if float(items_total).is_integer() else items_total
@@ -521,6 +578,7 @@ class Accumulator:
             if not math.isfinite(norm) and (self.skip_nonfinite or unscaled):
                 reason = "fp16 overflow (grad scaler)" if unscaled else "non-finite gradient"
                 return self._skip(loss, num_items, norm, lr, reason)
+            noise = self._update_noise(noise_sums, norm, items_total)
             if self.max_grad_norm is not None:
                 clip_grads_(grads, self.max_grad_norm, norm)
             self._move_buffers_to_grads()
@@ -531,7 +589,7 @@ class Accumulator:
             self._step_scheduler(loss)
             self.optimizer.zero_grad(set_to_none=True)
             self._close_window(num_items)
-            return StepResult(loss, num_items, norm, False, lr, self.step_count)
+            return StepResult(loss, num_items, norm, False, lr, self.step_count, noise)
         except BaseException:
             if self._micro_in_window:
                 if stepped:  # the weights moved: the step counts, its gradients go
@@ -544,6 +602,13 @@ class Accumulator:
             if unscaled:
                 self.grad_scaler.update()  # backs off after an overflow that unscale_ found
             self._applying = False
+
+    def _update_noise(self, sums: list[float], norm: float, items: float) -> float | None:
+        """measure_noise: feed the window to the estimator (the same numbers on every rank)."""
+        if self._noise is None:
+            return None
+        # The normalised window gradient is S / B, so |S|² = (norm · B)².
+        return self._noise.update(SmallBatchSums(*sums), (norm * items) ** 2, items)
 
     def _unscale(self) -> None:
         """fp16: divide the window's summed gradients by the loss scale, once per window.
@@ -585,7 +650,8 @@ class Accumulator:
                 f"{limit}; skips so far: {why}): training is not progressing; check the data, the loss "
                 "and the learning rate"
             )
-        return StepResult(loss, num_items, norm, True, lr, self.step_count)
+        noise = self._noise.noise_scale if self._noise is not None else None
+        return StepResult(loss, num_items, norm, True, lr, self.step_count, noise)
 
     def _close_window(self, num_items: int | float) -> None:
         self.micro_steps += self._micro_in_window
@@ -665,6 +731,17 @@ def _flag_last(micro_batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     while nxt is not sentinel:
         mb, nxt = nxt, next(it, sentinel)
         yield mb, nxt is sentinel
+
+
+def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Σ |g|² over the gradients as a float64 device scalar: one fused norm, no host sync."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    low = any(g.dtype in (torch.float16, torch.bfloat16) for g in grads)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if low else torch._foreach_norm(grads)
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.to(torch.float64) for n in norms]
+    return torch.stack(norms).to(torch.float64).square().sum()
 
 
 def _check_accum_steps(value: Any) -> None:
