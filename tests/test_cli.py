@@ -43,7 +43,7 @@ def test_train_end_to_end_outputs(trained):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         for key in ("step", "loss", "lr", "grad_norm", "num_items", "micro_batch", "accum_steps",
-                    "world_size", "elapsed_s", "items_per_s"):
+                    "world_size", "elapsed_s", "tokens_per_s", "examples_per_s"):
             assert key in r, key
         assert r["micro_batch"] * r["accum_steps"] * r["world_size"] == 16
         assert r["examples_seen"] == 16 * r["step"]

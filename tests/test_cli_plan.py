@@ -68,6 +68,6 @@ def test_bench_json_and_plot(tmp_path, capsys):
     assert main(["bench", "--json", "--effective-batch", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["micro_batch"] for r in res["rows"]] == [1, 2, 4, 8]
-    assert all(r["items_per_s"] > 0 for r in res["rows"])
+    assert all(r["examples_per_s"] > 0 for r in res["rows"])
     assert res["fastest_micro_batch"] in (1, 2, 4, 8)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

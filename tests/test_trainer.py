@@ -9,7 +9,8 @@ import torch
 
 import gradaccum as ga
 from gradaccum import demo
-from gradaccum.trainer import Trainer, plot_losses
+from gradaccum.runlog import plot_losses
+from gradaccum.trainer import Trainer
 
 
 def _trainer(tmp_path=None, micro=4, steps=6, effective=16, seed=0, **kw):

@@ -46,8 +46,38 @@ class DistributedSetupError(ValueError):
     """The environment describes a process group we cannot join (bad timeout, bad world)."""
 
 
+def _env_int(name: str, low: int, high: int | None = None) -> int | None:
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise DistributedSetupError(f"{name}={text!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise DistributedSetupError(f"{name}={value} must be {bound}")
+    return value
+
+
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """True when the environment describes a multi-process group; DistributedSetupError when
+    it describes one only half (a variable missing or malformed)."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world is None or world == 1:
+        return False
+    rank = _env_int("RANK", 0, world - 1)
+    if rank is None:
+        raise DistributedSetupError(f"WORLD_SIZE={world} but RANK is not set (launch with torchrun)")
+    _env_int("LOCAL_RANK", 0)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name, "").strip():
+            raise DistributedSetupError(
+                f"WORLD_SIZE={world} but {name} is not set: the ranks cannot find each other "
+                "(launch with torchrun)"
+            )
+    _env_int("MASTER_PORT", 1, 65535)
+    return True
 
 
 def timeout_seconds(timeout_s: float | None = None) -> float:
@@ -89,7 +119,15 @@ def setup_from_env(timeout_s: float | None = None) -> bool:
     timeout = timeout_seconds(timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, OSError) as e:
+        text = str(e).strip()
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            raise  # a rank that never arrived: a runtime failure (exit 1), not bad input
+        first = _strip_location(text.splitlines()[0]) if text else type(e).__name__
+        addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise DistributedSetupError(f"cannot join the process group at {addr} ({first[:200]})") from None
     return True
 
 

@@ -1,19 +1,27 @@
-"""The loop behind ``gradaccum train``: data -> windows -> Accumulator, with outputs.
+"""The loop behind ``gradaccum train``: data -> windows -> Accumulator.
 
 Data order depends only on the seed and the step: optimizer step ``s`` consumes the
 examples at positions ``[s*E, (s+1)*E)`` of a stream of per-epoch seeded
 permutations (E = effective batch), split into micro-batches afterwards. So the
 micro-batch size changes nothing but float rounding, and resuming needs only the
 step number to know where the data stands.
+
+What a run leaves on disk (metrics, summary, plot, the output-directory guard and
+lock) lives in :mod:`gradaccum.runlog`; atomic checkpoint files in
+:mod:`gradaccum.checkpoint`. SIGTERM and SIGINT end the run cleanly after the current
+window with a checkpoint (:class:`Stopped`); under torch.distributed every rank
+stops after the same step.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,18 +31,76 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradaccum import checkpoint, sync
+from gradaccum import checkpoint, runlog, sync
 from gradaccum.accumulator import Accumulator, LossFn, StepResult
 from gradaccum.memory import candidate_micro_batches, next_smaller
+from gradaccum.runlog import CHECKPOINT, METRICS, PLOT, SUMMARY, OutDirError, OutputWriteError, plot_losses
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-PLOT = "loss.png"
+__all__ = [
+    "CHECKPOINT",
+    "METRICS",
+    "PLOT",
+    "SUMMARY",
+    "OutDirError",
+    "OutputWriteError",
+    "Stopped",
+    "Trainer",
+    "plot_losses",
+]
+
+FORMAT_VERSION = 2  # 2: adds "run" (what defines the run) and "metrics" (the history)
 
 
 def _default_collate(examples: list[Any]) -> Any:
     return torch.utils.data.default_collate(examples)
+
+
+class Stopped(Exception):
+    """The run stopped early on SIGTERM/SIGINT after saving a checkpoint.
+
+    ``signum`` is the signal, ``step`` the last completed optimizer step (saved in
+    ``checkpoint``, None when the trainer has no output directory), ``steps`` the target.
+    """
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.steps, self.checkpoint = signum, step, steps, checkpoint
+        name = signal.Signals(signum).name
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint is not None else "no output directory"
+        super().__init__(f"stopped by {name} after step {step} of {steps}; {saved}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: SIGTERM 143, SIGINT 130
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only ask the loop to stop after the current window.
+
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once; repeated SIGTERMs
+    are ignored, so a scheduler's follow-up signal cannot interrupt the final save.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
 
 
 @dataclass
@@ -71,12 +137,22 @@ class Trainer:
     """Save checkpoint.pt every N optimizer steps (0: only at the end)."""
     resume: bool = False
     """Continue exactly from out_dir/checkpoint.pt."""
+    overwrite: bool = False
+    """Replace a run already in out_dir (without it, such an out_dir is refused)."""
     progress: bool | None = None
     """tqdm bar; None: only when stderr is a terminal (else plain log lines)."""
     log_every: int = 10
     """Steps between plain log lines when there is no progress bar."""
     extra_state: dict[str, Any] = field(default_factory=dict)
     """Plain data saved in the checkpoint (e.g. the vocabulary), checked on resume."""
+    run_config: dict[str, Any] = field(default_factory=dict)
+    """What else defines the run, keyed by the flag that sets it (e.g. ``{"--data": "sha256:..."}``):
+    saved in the checkpoint with ``--steps``, ``--lr``, ``--effective-batch`` and ``--seed``;
+    ``resume`` refuses a checkpoint whose value differs, naming the key."""
+    items_name: str = "items"
+    """What ``num_items`` counts (e.g. "tokens"): names the throughput column ``<items>_per_s``."""
+    handle_signals: bool = True
+    """On SIGTERM/SIGINT finish the window, save a checkpoint and raise :class:`Stopped`."""
     oom_replay: bool = True
     """On CUDA out-of-memory, drop to the next smaller micro-batch and replay the window."""
 
@@ -84,18 +160,27 @@ class Trainer:
         self.rank = sync.rank()
         self.world_size = sync.world_size()
         _check_sizes(self.effective_batch, self.micro_batch, self.world_size)
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"--steps must be a positive integer, got {self.steps!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if len(self.dataset) == 0:
             raise ValueError("the dataset is empty")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: give one")
         self.per_rank = self.effective_batch // self.world_size
         self.accum_steps = self.per_rank // self.micro_batch
         self._perm_epoch = -1
         self._perm: list[int] = []
+        self.history = runlog.MetricsHistory()
+        self._last_saved: int | None = None
+
+    def defining_config(self) -> dict[str, Any]:
+        """What defines this run (checked on resume), keyed by flag."""
+        return {"--steps": self.steps, "--lr": self.lr, "--effective-batch": self.effective_batch,
+                "--seed": self.seed, **self.run_config}
 
     # ------------------------------------------------------------------ data
     def _permutation(self, epoch: int) -> list[int]:
@@ -118,7 +203,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Run until ``steps``; returns the summary (also written to summary.json)."""
+        """Run until ``steps``; returns the summary (also written to summary.json).
+
+        Raises OutDirError / CheckpointError (bad input: nothing in out_dir touched),
+        OutputWriteError (a write failed mid-run: disk full ...), or :class:`Stopped`
+        (SIGTERM/SIGINT: stopped after a window, checkpoint saved).
+        """
         torch.manual_seed(self.seed)
         random.seed(self.seed)
         model = self.model
@@ -132,41 +222,117 @@ class Trainer:
         acc = Accumulator(model, opt, self.accum_steps, scheduler=sched, max_grad_norm=self.max_grad_norm)
         out = Path(self.out_dir) if self.out_dir is not None else None
         writes = out is not None and self.rank == 0
+        if self.resume and out is None:
+            raise ValueError("--resume needs an output directory")
         start, elapsed_before = 0, 0.0
+        ck_stamp = None
         if self.resume:
-            if out is None:
-                raise ValueError("--resume needs an output directory")
+            assert out is not None
+            ck_stamp = _stamp(out / CHECKPOINT)
             start, elapsed_before = self._restore(out / CHECKPOINT, opt, sched, acc)
-        if writes:
-            out.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_stale_temps(out, (CHECKPOINT, METRICS, SUMMARY, PLOT))
-            _keep_metrics_upto(out / METRICS, start)
-        self._announce(out)
+            self._last_saved = start
+        lock = self._take_out_dir(out, ck_stamp) if out is not None else None
+        try:
+            if writes:
+                assert out is not None
+                self._prepare_outputs(out, start)
+            self._announce(out, start)
+            return self._loop(acc, opt, sched, out, start, elapsed_before)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _take_out_dir(self, out: Path, ck_stamp: Any) -> runlog.RunLock | None:
+        """Rank 0 checks ``out`` and locks it; every rank learns whether that worked."""
+        lock, error = None, None
+        if self.rank == 0:
+            try:
+                runlog.guard(out, self.resume, self.overwrite)
+                out.mkdir(parents=True, exist_ok=True)
+                lock = runlog.RunLock(out).acquire()
+                # Checked again under the lock: another run may have finished meanwhile.
+                runlog.guard(out, self.resume, self.overwrite, locked=True)
+                if self.resume and _stamp(out / CHECKPOINT) != ck_stamp:
+                    raise OutDirError(f"{out / CHECKPOINT}: changed while this run was starting "
+                                      "(another run wrote it); try again")
+            except OutDirError as e:
+                error = e
+            except OSError as e:
+                error = OutDirError(f"--out {out}: cannot create the directory ({runlog._reason(e)})")
+            if error is not None and lock is not None:
+                lock.release()
+                lock = None
+        if self.world_size > 1 and _any_rank(error is not None) and error is None:
+            error = OutDirError(f"--out {out}: refused by rank 0 (see its message)")
+        if error is not None:
+            raise error
+        return lock
+
+    def _prepare_outputs(self, out: Path, start: int) -> None:
+        try:
+            if self.overwrite:
+                runlog.clear_outputs(out)
+            checkpoint.remove_stale_temps(out, runlog.OUTPUTS)
+            if self.resume:
+                # The checkpoint is the truth: metrics.jsonl gets exactly its steps 1..start,
+                # whatever a kill (or anything else) left in the file.
+                runlog.write_metrics(out / METRICS, self.history.rows())
+            elif (out / METRICS).exists():
+                (out / METRICS).unlink()
+        except OSError as e:
+            raise self._write_failed(out / METRICS, e, "preparing the output directory") from None
+
+    def _loop(self, acc: Accumulator, opt: Any, sched: Any, out: Path | None, start: int,
+              elapsed_before: float) -> dict[str, Any]:
+        writes = out is not None and self.rank == 0
         bar = self._progress_bar(start)
         self._items_run: int | float = 0
         t0 = time.perf_counter()
-        metrics_file = open(out / METRICS, "a", encoding="utf-8") if writes else None  # noqa: SIM115
+        log = None
         try:
-            for step in range(start, self.steps):
-                result = self._run_window(acc, step)
-                elapsed = elapsed_before + time.perf_counter() - t0
-                row = self._row(result, step, elapsed, time.perf_counter() - t0, start)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                self._report(bar, row)
-                done = step + 1
-                if out is not None and (
-                    done == self.steps or (self.checkpoint_every and done % self.checkpoint_every == 0)
-                ):
-                    self._save(out / CHECKPOINT, done, opt, sched, acc, elapsed)
+            if writes:
+                assert out is not None
+                try:
+                    log = runlog.MetricsLog(out / METRICS)
+                except OSError as e:
+                    raise self._write_failed(out / METRICS, e, "opening it") from None
+            with _StopSignals(self.handle_signals) as signals:
+                for step in range(start, self.steps):
+                    result = self._run_window(acc, step)
+                    elapsed = elapsed_before + time.perf_counter() - t0
+                    row = self._row(result, step, elapsed, time.perf_counter() - t0, start)
+                    self.history.append(row)
+                    if log is not None:
+                        try:
+                            log.write(row)
+                        except OSError as e:
+                            raise self._write_failed(out / METRICS, e, f"logging step {step + 1}") from None
+                    self._report(bar, row)
+                    done = step + 1
+                    stop = self._stop_signal(signals.signum)
+                    every = self.checkpoint_every and done % self.checkpoint_every == 0
+                    if out is not None and (done == self.steps or stop or every):
+                        self._save(out / CHECKPOINT, done, opt, sched, acc, elapsed)
+                    if stop and done < self.steps:
+                        if self.world_size > 1:
+                            _any_rank(False)  # every rank leaves after rank 0's checkpoint is on disk
+                        raise Stopped(stop, done, self.steps, out / CHECKPOINT if out is not None else None)
         finally:
-            if metrics_file is not None:
-                metrics_file.close()
+            if log is not None:
+                log.close()
             if bar is not None:
                 bar.close()
-        summary = self._finish(out)
-        return summary
+        return self._finish(out)
+
+    def _stop_signal(self, local: int | None) -> int:
+        """The signal every rank stops for after this window (0: none); one tiny all-reduce."""
+        if self.world_size == 1:
+            return local or 0
+        import torch.distributed as dist
+
+        t = torch.tensor([float(local or 0)], device=sync.collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     # ------------------------------------------------------------------ windows
     def _run_window(self, acc: Accumulator, step: int) -> StepResult:
@@ -244,12 +410,12 @@ class Trainer:
             "effective_batch": self.effective_batch,
             "examples_seen": (step + 1) * self.effective_batch,
             "elapsed_s": round(elapsed, 4),
-            "items_per_s": round(self._items_run / max(run_time, 1e-9), 2),
+            f"{self.items_name}_per_s": round(self._items_run / max(run_time, 1e-9), 2),
             "examples_per_s": round((step + 1 - start) * self.effective_batch / max(run_time, 1e-9), 2),
         }
 
     # ------------------------------------------------------------------ reporting
-    def _announce(self, out: Path | None) -> None:
+    def _announce(self, out: Path | None, start: int) -> None:
         if self.rank != 0:
             return
         print(
@@ -258,6 +424,8 @@ class Trainer:
             f"{self.steps} steps; outputs -> {out if out is not None else '(none)'}",
             flush=True,
         )
+        if self.resume:
+            print(f"gradaccum: resuming from step {start} of {self.steps}", flush=True)
 
     def _progress_bar(self, start: int) -> Any:
         show = self.progress if self.progress is not None else sys.stderr.isatty()
@@ -270,13 +438,16 @@ class Trainer:
     def _report(self, bar: Any, row: dict[str, Any]) -> None:
         if self.rank != 0:
             return
+        rate = row[f"{self.items_name}_per_s"]
         if bar is not None:
-            bar.set_postfix(loss=f"{row['loss']:.4f}", items_s=f"{row['items_per_s']:.0f}", refresh=False)
+            post = {"loss": f"{row['loss']:.4f}", f"{self.items_name}/s": f"{rate:.0f}"}
+            bar.set_postfix(post, refresh=False)
             bar.update(1)
         elif row["step"] % self.log_every == 0 or row["step"] == self.steps:
             print(
                 f"step {row['step']}/{self.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                f"grad_norm {row['grad_norm']:.3f} items/s {row['items_per_s']:.0f}",
+                f"grad_norm {row['grad_norm']:.3f} {self.items_name}/s {rate:.0f} "
+                f"examples/s {row['examples_per_s']:.0f}",
                 flush=True,
             )
 
@@ -285,12 +456,18 @@ class Trainer:
         m = self._train_model
         return m.module if sync.is_ddp(m) else m
 
+    def _write_failed(self, path: Path, e: OSError, what: str) -> OutputWriteError:
+        err = runlog.write_error(path, e, what)
+        last = (f"the last good checkpoint is step {self._last_saved}" if self._last_saved is not None
+                else "no checkpoint was saved yet")
+        return OutputWriteError(f"{err}; {last}")
+
     def _save(self, path: Path, step: int, opt: Any, sched: Any, acc: Accumulator, elapsed: float) -> None:
         if self.rank != 0:
             return
         state = {
             "format": "gradaccum",
-            "version": 1,
+            "version": FORMAT_VERSION,
             "step": step,
             "model": self._unwrapped().state_dict(),
             "optimizer": opt.state_dict(),
@@ -299,16 +476,45 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "data": {"seed": self.seed, "effective_batch": self.effective_batch, "position": step},
             "config": {"micro_batch": self.micro_batch, "steps": self.steps, "lr": self.lr},
+            "run": self.defining_config(),
+            "metrics": self.history.state_dict(),
             "elapsed_s": elapsed,
             "extra": self.extra_state,
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint.save(state, path)
+        try:
+            checkpoint.save(state, path)
+        except OSError as e:
+            raise self._write_failed(path, e, f"saving step {step}") from None
+        except RuntimeError as e:  # torch's zip writer may wrap the OS error
+            if "write" not in str(e).lower():
+                raise
+            raise self._write_failed(path, _as_os_error(e, path), f"saving step {step}") from None
+        self._last_saved = step
 
     def _restore(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> tuple[int, float]:
         ck = checkpoint.load(path, required=("step", "model", "optimizer", "accumulator", "rng", "data"))
+
+        def bad(what: str) -> checkpoint.CheckpointError:
+            return checkpoint.CheckpointError(f"{path}: malformed checkpoint: {what}")
+
+        step = ck["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise bad(f"step is {step!r}, not a non-negative integer")
+        run = ck.get("run")
+        if run is not None:
+            if not isinstance(run, dict):
+                raise bad("'run' is not a dict")
+            for key, value in self.defining_config().items():
+                if key in run and run[key] != value:
+                    raise checkpoint.CheckpointError(
+                        f"--resume: {key} {_brief(value)} differs from {_brief(run[key])} in {path}; "
+                        f"a resumed run keeps the flags that define it (or start afresh with --overwrite)"
+                    )
         data = ck["data"]
+        if not isinstance(data, dict):
+            raise bad("'data' is not a dict")
         for name, flag in (("seed", "--seed"), ("effective_batch", "--effective-batch")):
             if data.get(name) != getattr(self, name):
                 raise checkpoint.CheckpointError(
@@ -317,24 +523,78 @@ class Trainer:
                 )
         if ck.get("extra", {}) != self.extra_state:
             raise checkpoint.CheckpointError(f"{path}: was made for other data or another model")
+        if step > self.steps:
+            raise bad(f"step {step} is beyond --steps {self.steps}")
+        elapsed = ck.get("elapsed_s", 0.0)
+        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) \
+                or elapsed < 0:
+            raise bad(f"elapsed_s is {elapsed!r}")
+        if "metrics" in ck:
+            try:
+                history = runlog.MetricsHistory.from_state(ck["metrics"])
+            except ValueError as e:
+                raise bad(str(e)) from None
+            if len(history) != step or history.column("step") != list(range(1, step + 1)):
+                raise bad(f"its metrics history does not hold steps 1..{step}")
+        else:  # a checkpoint from before the history was kept: salvage the log
+            history = runlog.MetricsHistory()
+            try:
+                rows = runlog.legacy_rows_upto(path.parent / METRICS, step)
+            except OSError as e:
+                raise checkpoint.CheckpointError(
+                    f"{path.parent / METRICS}: unreadable ({e.strerror})"
+                ) from None
+            for r in rows:
+                history.append(r)
+        _check_optimizer_state(ck["optimizer"], opt, bad)
+        if sched is not None and ck.get("scheduler") is not None and not _conforms(sched.state_dict(),
+                                                                                   ck["scheduler"]):
+            raise bad("the scheduler state has the wrong structure")
+        acc_state = ck["accumulator"]
+        if not isinstance(acc_state, dict):
+            raise bad("the accumulator state is not a dict")
+        for key in ("step", "skipped_steps", "micro_steps", "items_seen", "accum_steps"):
+            low = 1 if key == "accum_steps" else 0
+            v = acc_state.get(key, low)
+            ok_type = (int, float) if key == "items_seen" else int
+            if isinstance(v, bool) or not isinstance(v, ok_type) or not v >= low:
+                raise bad(f"the accumulator's {key} is {v!r}")
         try:
             self._unwrapped().load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             if sched is not None and ck.get("scheduler") is not None:
                 sched.load_state_dict(ck["scheduler"])
-            acc.load_state_dict(ck["accumulator"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            acc.load_state_dict(acc_state)
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             raise checkpoint.CheckpointError(f"{path}: does not fit this model ({first})") from None
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(_as_random_state(ck["rng"]["python"]))
-        if "cuda" in ck["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        return int(ck["step"]), float(ck.get("elapsed_s", 0.0))
+        rng = ck["rng"]
+        try:
+            if not isinstance(rng, dict):
+                raise TypeError("not a dict")
+            torch_state = rng["torch"]
+            if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8
+                    and torch_state.shape == torch.get_rng_state().shape):
+                raise TypeError("torch generator state has the wrong type or size")
+            python_state = _as_random_state(rng["python"])
+            state_before = torch.get_rng_state(), random.getstate()
+            try:
+                torch.set_rng_state(torch_state)
+                random.setstate(python_state)
+                if "cuda" in rng and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(rng["cuda"])
+            except BaseException:
+                torch.set_rng_state(state_before[0])
+                random.setstate(state_before[1])
+                raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError) as e:
+            raise bad(f"broken RNG state ({str(e).strip()[:100] or type(e).__name__})") from None
+        self.history = history
+        return step, float(elapsed)
 
     # ------------------------------------------------------------------ outputs
     def _finish(self, out: Path | None) -> dict[str, Any]:
-        rows = _read_metrics(out / METRICS) if out is not None and self.rank == 0 else []
+        rows = self.history.rows() if self.rank == 0 else []
         losses = [r["loss"] for r in rows if not r.get("skipped")]
         summary = {
             "steps": self.steps,
@@ -351,11 +611,93 @@ class Trainer:
             "outputs": [METRICS, CHECKPOINT, SUMMARY, PLOT],
         }
         if out is not None and self.rank == 0:
-            checkpoint.atomic_write_bytes(
-                out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode())
-            )
-            plot_losses(rows, out / PLOT)
+            for name, write in ((SUMMARY, lambda p: runlog.write_summary(p, summary)),
+                                (PLOT, lambda p: plot_losses(rows, p))):
+                try:
+                    write(out / name)
+                except OSError as e:
+                    raise self._write_failed(out / name, e, "writing it at the end of the run") from None
         return summary
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _brief(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _as_os_error(e: RuntimeError, path: Path) -> OSError:
+    """torch's writer reports "file write failed": find out whether the disk is full."""
+    import errno
+    import shutil
+
+    try:
+        full = shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO))
+
+
+def _conforms(fresh: Any, loaded: Any, numbers_interchange: bool = True) -> bool:
+    """Whether ``loaded`` has the structure (keys, lengths, types, tensor shapes) of ``fresh``."""
+    if fresh is None or isinstance(fresh, bool):
+        return loaded is None if fresh is None else isinstance(loaded, bool)
+    if isinstance(fresh, (int, float)):
+        if isinstance(loaded, bool) or not isinstance(loaded, (int, float)):
+            return False
+        return numbers_interchange or isinstance(loaded, type(fresh))
+    if isinstance(fresh, str):
+        return isinstance(loaded, str)
+    if isinstance(fresh, torch.Tensor):
+        return (isinstance(loaded, torch.Tensor) and loaded.dtype == fresh.dtype
+                and loaded.shape == fresh.shape)
+    if isinstance(fresh, dict):
+        return (isinstance(loaded, dict) and set(loaded) == set(fresh)
+                and all(_conforms(fresh[k], loaded[k], numbers_interchange) for k in fresh))
+    if isinstance(fresh, (list, tuple)):
+        return (isinstance(loaded, (list, tuple)) and len(loaded) == len(fresh)
+                and all(_conforms(a, b, numbers_interchange) for a, b in zip(fresh, loaded, strict=True)))
+    return True
+
+
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+                 "sum", "ax", "prev")
+
+
+def _check_optimizer_state(state: Any, opt: torch.optim.Optimizer, bad: Callable[[str], Exception]) -> None:
+    """Refuse optimizer state that load_state_dict would accept but step() would choke on."""
+    fresh = opt.state_dict()
+    if not isinstance(state, dict) or set(state) != set(fresh):
+        raise bad("the optimizer state is not a state dict")
+    groups = state["param_groups"]
+    if not _conforms(fresh["param_groups"], groups):
+        raise bad("the optimizer's parameter groups do not fit this model")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not isinstance(state["state"], dict):
+        raise bad("the optimizer state is not a dict")
+    for idx, per_param in state["state"].items():
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(params):
+            raise bad(f"the optimizer state names parameter {idx!r}, which this model does not have")
+        if not isinstance(per_param, dict):
+            raise bad(f"the optimizer state of parameter {idx} is not a dict")
+        for key, value in per_param.items():
+            if key in _PARAM_SHAPED and not (
+                isinstance(value, torch.Tensor) and value.shape == params[idx].shape
+                and value.is_floating_point()
+            ):
+                raise bad(f"the optimizer's {key} of parameter {idx} does not fit its shape")
+            if key == "step" and not (
+                (isinstance(value, torch.Tensor) and value.numel() == 1)
+                or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            ):
+                raise bad(f"the optimizer's step of parameter {idx} is {value!r}")
 
 
 def _oom_possible(model: nn.Module) -> bool:
@@ -388,53 +730,11 @@ def _check_sizes(effective: int, micro: int, world: int) -> None:
 
 def _as_random_state(state: Any) -> tuple[Any, ...]:
     # weights_only loading may hand tuples back as lists; random.setstate wants tuples.
+    if not isinstance(state, (list, tuple)) or len(state) != 3:
+        raise TypeError("python generator state is not a 3-tuple")
     version, internal, gauss = state
+    if not isinstance(internal, (list, tuple)) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in internal
+    ):
+        raise TypeError("python generator state is malformed")
     return (version, tuple(internal), gauss)
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Parse metrics.jsonl, dropping a torn last line left by a kill mid-write."""
-    rows = []
-    if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
-
-
-def _keep_metrics_upto(path: Path, step: int) -> None:
-    """Keep the metrics of steps 1..step exactly once (a resume may have run past the checkpoint)."""
-    rows: dict[int, dict[str, Any]] = {}
-    for r in _read_metrics(path):
-        if r["step"] <= step:
-            rows[r["step"]] = r
-    text = "".join(json.dumps(rows[s]) + "\n" for s in sorted(rows))
-    checkpoint.atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-
-def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
-    """loss.png: loss against optimizer step and against examples seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if not r.get("skipped")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    steps = [r["step"] for r in rows]
-    seen = [r["examples_seen"] for r in rows]
-    loss = [r["loss"] for r in rows]
-    for ax, x, label in ((axes[0], steps, "optimizer step"), (axes[1], seen, "examples seen")):
-        ax.plot(x, loss, lw=1.2)
-        ax.set_xlabel(label)
-        ax.set_ylabel("mean loss per item")
-        ax.grid(alpha=0.3)
-    eb = rows[0]["effective_batch"] if rows else "?"
-    fig.suptitle(f"gradaccum: loss (effective batch {eb})")
-    checkpoint.atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)

@@ -7,7 +7,9 @@ very different target counts: exactly the case where mean-of-means goes wrong.
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,20 +74,55 @@ class TextFileError(ValueError):
     """A --data file that cannot be used."""
 
 
+MAX_DATA_BYTES = 64 * 2**20
+"""--data files larger than this are refused (the demo keeps every example in memory)."""
+MAX_EXAMPLES = 2_000_000
+"""--data files with more non-empty lines than this are refused."""
+
+
+def read_data_file(path: str | Path, limit: int = MAX_DATA_BYTES) -> bytes:
+    """The bytes of a --data file: a regular file of at most ``limit`` bytes, else TextFileError.
+
+    Devices (``/dev/zero``), pipes and sockets are refused before reading, and no more
+    than ``limit + 1`` bytes are ever read, whatever the file claims its size is.
+    """
+    text = str(path)
+    if not text.strip():
+        raise TextFileError("--data: empty path")
+    if "\0" in text:
+        raise TextFileError(f"--data {text!r}: the path contains a NUL byte")
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise TextFileError(f"--data {path}: no such file") from None
+    except OSError as e:
+        raise TextFileError(f"--data {path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise TextFileError(f"--data {path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise TextFileError(f"--data {path}: not a regular file (a device, pipe or socket)")
+    too_big = f"--data {path}: larger than the {limit // 2**20} MiB the demo reads"
+    if st.st_size > limit:
+        raise TextFileError(too_big)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(limit + 1)
+    except IsADirectoryError:
+        raise TextFileError(f"--data {path}: is a directory, not a file") from None
+    except OSError as e:
+        raise TextFileError(f"--data {path}: cannot read ({e.strerror})") from None
+    if len(raw) > limit:
+        raise TextFileError(too_big)
+    return raw
+
+
 def load_text_examples(path: str | Path, max_len: int = 128) -> tuple[list[Example], CharTokenizer]:
     """Every non-empty line of a UTF-8 text file is one example, all tokens counted.
 
     Lines longer than ``max_len - 2`` characters are cut to fit the model's context.
     """
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise TextFileError(f"--data {path}: no such file") from None
-    except IsADirectoryError:
-        raise TextFileError(f"--data {path}: is a directory, not a file") from None
-    except OSError as e:
-        raise TextFileError(f"--data {path}: cannot read ({e.strerror})") from None
+    raw = read_data_file(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,6 +131,8 @@ def load_text_examples(path: str | Path, max_len: int = 128) -> tuple[list[Examp
     lines = [ln[: max_len - 2] for ln in lines if ln.strip()]
     if not lines:
         raise TextFileError(f"--data {path}: no non-empty lines")
+    if len(lines) > MAX_EXAMPLES:
+        raise TextFileError(f"--data {path}: {len(lines)} lines, more than the {MAX_EXAMPLES} the demo holds")
     tok = CharTokenizer(sorted({c for ln in lines for c in ln}))
     examples = []
     for ln in lines:
