@@ -26,7 +26,13 @@ import common  # noqa: E402
 
 import gradaccum as ga  # noqa: E402
 
-CONTENDERS = ("hand", "hand again (A/A control)", "gradaccum micro_step", "gradaccum step()")
+CONTENDERS = (
+    "hand",
+    "hand again (A/A control)",
+    "gradaccum micro_step",
+    "gradaccum step()",
+    "gradaccum step(), measure_noise",
+)
 
 
 def run(
@@ -59,9 +65,10 @@ def run(
     base = work.build_model(seed)
     models = {name: common.clone(base) for name in CONTENDERS}
     opts = {name: common.make_optimizer(m, work.lr) for name, m in models.items()}
-    acc_a, acc_b = (
-        ga.Accumulator(models[name], opts[name], accum_steps=k, max_grad_norm=max_grad_norm)
-        for name in ("gradaccum micro_step", "gradaccum step()")
+    acc_a, acc_b, acc_n = (
+        ga.Accumulator(models[name], opts[name], accum_steps=k, max_grad_norm=max_grad_norm,
+                       measure_noise=name.endswith("measure_noise"))
+        for name in ("gradaccum micro_step", "gradaccum step()", "gradaccum step(), measure_noise")
     )
     losses: dict[str, list[float]] = {name: [] for name in CONTENDERS}
 
@@ -80,7 +87,12 @@ def run(
     def ga_step(r: int) -> None:
         losses["gradaccum step()"].append(acc_b.step(windows[r], work.loss_sum).loss)
 
-    fns = dict(zip(CONTENDERS, (hand(CONTENDERS[0]), hand(CONTENDERS[1]), ga_micro, ga_step), strict=True))
+    def ga_noise(r: int) -> None:
+        losses["gradaccum step(), measure_noise"].append(acc_n.step(windows[r], work.loss_sum).loss)
+
+    fns = dict(
+        zip(CONTENDERS, (hand(CONTENDERS[0]), hand(CONTENDERS[1]), ga_micro, ga_step, ga_noise), strict=True)
+    )
     times = common.interleave(fns, rounds=rounds, warmup=warmup)
 
     results = {}

@@ -396,6 +396,40 @@ def scenario_mismatch(out: Path) -> None:
     distributed.teardown()
 
 
+NOISE_SIZES = [[4, 4, 4], [2, 6, 3]]  # per rank: micro-batch sizes of every window
+NOISE_WINDOWS = 500
+
+
+def scenario_noise(out: Path) -> None:
+    """measure_noise under DDP and with an unwrapped model: all ranks' micro-batches pooled."""
+    import torch.distributed as dist
+    from test_accumulator_noise import N_EXAMPLES, least_squares, squared_error
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import gradaccum as ga
+    from gradaccum import distributed
+    from gradaccum.noise import NoiseScale
+
+    distributed.setup_from_env()
+    r = dist.get_rank()
+    record = {}
+    for variant in ("ddp", "manual"):
+        model, x, y, _ = least_squares()
+        wrapped = DDP(model) if variant == "ddp" else model
+        acc = ga.Accumulator(wrapped, torch.optim.SGD(model.parameters(), lr=0.0),
+                             accum_steps=len(NOISE_SIZES[r]), measure_noise=NoiseScale(ema=1.0))
+        res = None
+        for w in range(NOISE_WINDOWS):
+            g = torch.Generator().manual_seed(1000 * w + r)
+            for b in NOISE_SIZES[r]:
+                idx = torch.randint(0, N_EXAMPLES, (b,), generator=g)
+                with acc.micro_step():
+                    res = acc.backward(*squared_error(wrapped, (x[idx], y[idx])))
+        record[variant] = res.noise_scale
+    torch.save(record, out / f"rank{r}.pt")
+    distributed.teardown()
+
+
 def scenario_hang(out: Path) -> None:
     """Rank 1 stops answering; rank 0's next collective must fail by the timeout."""
     import torch.distributed as dist
@@ -487,7 +521,8 @@ def main() -> None:
         scenario_cli(out, rest)
     else:
         scenarios = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "hang": scenario_hang,
-                     "ddp_params": scenario_ddp_params, "mismatch": scenario_mismatch}
+                     "ddp_params": scenario_ddp_params, "mismatch": scenario_mismatch,
+                     "noise": scenario_noise}
         scenarios[scenario](out)
 
 

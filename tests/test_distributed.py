@@ -187,6 +187,19 @@ def test_ranks_that_disagree_on_a_window_boundary_fail_with_one_line(tmp_path: P
         assert rec["after_step"] == 1  # the windows were dropped on both ranks; training goes on
 
 
+def test_noise_scale_pools_every_ranks_micro_batches(tmp_path: Path) -> None:
+    """measure_noise on 2 ranks (DDP and unwrapped): within 10% of the closed-form B_simple,
+    and the same value on every rank (it rides in the window's one all-reduce)."""
+    from test_accumulator_noise import least_squares
+
+    truth = least_squares()[3]
+    records = run_scenario("noise", tmp_path)
+    for variant in ("ddp", "manual"):
+        values = [rec[variant] for rec in records]
+        assert values[0] is not None and values[0] == values[1]
+        assert values[0] == pytest.approx(truth, rel=0.10)
+
+
 # ----------------------------------------------------------------------------- failures
 def test_hung_rank_fails_the_others_within_the_timeout(tmp_path: Path) -> None:
     timeout_s = 3

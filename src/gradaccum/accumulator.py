@@ -143,9 +143,9 @@ class Accumulator:
         max_skipped_windows: raise RuntimeError after this many consecutive skipped
             windows (non-finite gradient, fp16 overflow, or no items); None: never.
         measure_noise: estimate the gradient noise scale (``StepResult.noise_scale``,
-            see :mod:`gradaccum.noise`) from the running gradient sums after each
-            micro-batch and the window's gradient. Changes no weight; costs one fused
-            norm over the gradients per micro-batch. Not with FSDP2 (its gradients are
+            see :mod:`gradaccum.noise`) from each micro-batch's own gradient norm and
+            the window's gradient. Changes no weight; costs one norm per parameter per
+            micro-batch, taken in a gradient hook (no copy, no host sync). Not with FSDP2 (its gradients are
             held unsharded inside FSDP2 until the window's last micro-batch). Pass a
             ``gradaccum.noise.NoiseScale`` to choose its EMA decay.
 
@@ -244,6 +244,11 @@ class Accumulator:
         _warn_batchnorm(model)
 
     @property
+    def noise(self) -> NoiseScale | None:
+        """The noise-scale estimator (``measure_noise``): its EMAs of tr(Σ) and |G|², windows measured."""
+        return self._noise
+
+    @property
     def accum_steps(self) -> int:
         """Micro-batches per window (shape (a)); may change between windows, never inside one."""
         return self._accum_steps
@@ -290,7 +295,7 @@ class Accumulator:
         if self._did_backward:
             raise AccumulatorStateError("backward() called twice in one micro_step()")
         last = self._micro_in_window + 1 >= self.accum_steps
-        self._backward(loss_sum, num_items, last=last, synced=last or self.sync_every_micro_batch)
+        self._backward(loss_sum, num_items, synced=last or self.sync_every_micro_batch)
         self._did_backward = True
         if self._micro_in_window >= self.accum_steps:
             return self._finish_window()
@@ -332,7 +337,7 @@ class Accumulator:
                     out = loss_fn(self.model, mb)
                     if not (isinstance(out, (tuple, list)) and len(out) == 2):
                         raise TypeError("loss_fn must return (loss_sum, num_items)")
-                    self._backward(out[0], out[1], last=last, synced=synced)
+                    self._backward(out[0], out[1], synced=synced)
                 del mb, out  # the optimizer step need not hold the last micro-batch alive
         except BaseException:
             self._discard_window()
@@ -391,7 +396,7 @@ class Accumulator:
         self._extra = [p for p in self._params if p not in self._wrapper_params]
 
     def _open_window(self) -> None:
-        """Before a window's first backward: drop stray gradients, attach grad_dtype hooks."""
+        """Before a window's first backward: drop stray gradients, attach the window's hooks."""
         self._refresh_params()
         for p in self._params:
             p.grad = None
@@ -401,6 +406,8 @@ class Accumulator:
                 for p in self._params
                 if p.dtype != self.grad_dtype
             ]
+        if self._noise is not None:
+            self._hooks += [p.register_hook(self._norm_hook) for p in self._params]
 
     def _reset_window(self) -> None:
         for h in self._hooks:
@@ -411,14 +418,16 @@ class Accumulator:
         self._items_num: int | float = 0
         self._items_t: torch.Tensor | None = None
         self._synced = False
-        # measure_noise: this rank's running gradient sums after each micro-batch, as
-        # (|A_j|² on the device, items so far: a number and a device tensor or None).
-        self._prefixes: list[tuple[torch.Tensor, int | float, torch.Tensor | None]] = []
+        # measure_noise: per micro-batch of this rank, the squared norm of its own SUM
+        # gradient (device scalar) and its item count (a number or a device tensor).
+        self._micro_sq: list[torch.Tensor] = []
+        self._micro_norms: list[torch.Tensor] = []  # filled by the gradient hooks during backward
+        self._micro_items: list[int | float | torch.Tensor] = []
 
     def _stat_device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
 
-    def _backward(self, loss_sum: Any, num_items: Any, last: bool, synced: bool) -> None:
+    def _backward(self, loss_sum: Any, num_items: Any, synced: bool) -> None:
         _check_loss(loss_sum)
         n = count_items(num_items)
         if self._micro_in_window == 0:
@@ -438,21 +447,27 @@ class Accumulator:
         self._micro_in_window += 1
         self._synced = synced
         if self._noise is not None:
-            self._record_prefix(last, synced)
+            self._record_micro_norm(n)
 
-    def _record_prefix(self, last: bool, synced: bool) -> None:
-        """measure_noise: the squared norm of this rank's running gradient sum, on the device.
+    def _record_micro_norm(self, num_items: int | float | torch.Tensor) -> None:
+        """measure_noise: this micro-batch's own squared gradient norm, from the hooks' norms."""
+        norms, self._micro_norms = self._micro_norms, []
+        if norms:
+            if len({(x.device, x.dtype) for x in norms}) > 1:  # parameters on several devices or dtypes
+                norms = [x.to(norms[0].device, torch.float64) for x in norms]
+            self._micro_sq.append(torch.stack(norms).to(torch.float64).square().sum())
+            self._micro_items.append(num_items)
 
-        The running sum A_j after micro-batch j is the SUM gradient of the c_j items seen
-        so far, a sub-batch of the window like any other: E|A_j|²/c_j = c_j·|G|² + tr Σ,
-        which is all the estimator needs (see gradaccum.noise). So no per-parameter hook
-        and no copy of the gradients: one fused norm per micro-batch.
+    def _norm_hook(self, grad: torch.Tensor) -> None:
+        """measure_noise: the incoming gradient of one parameter, before it is accumulated.
+
+        Autograd hands a leaf's hook the total gradient of this backward (shared weights
+        summed), so each micro-batch's norm is exact and no gradient is copied.
         """
-        if synced and self._reduction in ("ddp", "fsdp"):
-            return  # the wrapper reduced it over ranks: that is the window, not a sub-batch
-        if last and self._reduction == "local":
-            return  # on one process the last running sum *is* the window
-        self._prefixes.append((_squared_norm(self._grads()), self._items_num, self._items_t))
+        # fp32 at least (a cast to fp64 would copy the gradient; fp32's reduction is accurate
+        # enough for a statistic that is averaged over windows anyway).
+        low = grad.dtype in (torch.float16, torch.bfloat16)
+        self._micro_norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
 
     def _stash_grad(self, p: torch.Tensor) -> None:
         if p.grad is None:
@@ -503,21 +518,21 @@ class Accumulator:
             items = items + self._items_t.to(dev)
         parts = [loss, items]
         if self._noise is not None:
-            parts += self._prefix_sums(dev)
+            parts += self._micro_sums(dev)
         return sync.all_reduce_sum(torch.stack(parts))
 
-    def _prefix_sums(self, dev: torch.device) -> list[torch.Tensor]:
-        """measure_noise: this rank's (Σ_j |A_j|²/c_j, n, Σ_j c_j) over its running sums,
+    def _micro_sums(self, dev: torch.device) -> list[torch.Tensor]:
+        """measure_noise: this rank's (Σ_j |S_j|²/b_j, n, Σ_j b_j) over its micro-batches,
         on the device (summed over ranks with the window's loss and items)."""
-        if not self._prefixes:
+        if not self._micro_sq:
             return [torch.zeros((), dtype=torch.float64, device=dev)] * 3
-        sq = torch.stack([s.to(dev) for s, _, _ in self._prefixes])
-        items = torch.tensor([float(n) for _, n, _ in self._prefixes], dtype=torch.float64, device=dev)
-        tensors = [t for _, _, t in self._prefixes]
-        if any(t is not None for t in tensors):
-            zero = torch.zeros((), dtype=torch.float64, device=dev)
-            items = items + torch.stack([zero if t is None else t.to(dev) for t in tensors])
-        seen = items > 0  # a running sum over no items yet has no mean gradient
+        sq = torch.stack([x.to(dev) for x in self._micro_sq])
+        items = torch.stack([
+            n.to(dev, torch.float64) if isinstance(n, torch.Tensor)
+            else torch.tensor(float(n), dtype=torch.float64, device=dev)
+            for n in self._micro_items
+        ])
+        seen = items > 0  # a micro-batch with no items has no mean gradient
         weighted = torch.where(seen, sq / items.clamp_min(1e-300), 0.0).sum()
         return [weighted, seen.sum().to(torch.float64), torch.where(seen, items, 0.0).sum()]
 
@@ -731,17 +746,6 @@ def _flag_last(micro_batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     while nxt is not sentinel:
         mb, nxt = nxt, next(it, sentinel)
         yield mb, nxt is sentinel
-
-
-def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Σ |g|² over the gradients as a float64 device scalar: one fused norm, no host sync."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    low = any(g.dtype in (torch.float16, torch.bfloat16) for g in grads)
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if low else torch._foreach_norm(grads)
-    if len({n.dtype for n in norms}) > 1:
-        norms = [n.to(torch.float64) for n in norms]
-    return torch.stack(norms).to(torch.float64).square().sum()
 
 
 def _check_accum_steps(value: Any) -> None:
