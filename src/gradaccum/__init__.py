@@ -1,8 +1,9 @@
 """gradaccum: exact gradient accumulation for PyTorch."""
 
-from gradaccum import losses
+from gradaccum import losses, noise
 from gradaccum.accumulator import Accumulator, AccumulatorStateError, StepResult
 from gradaccum.batching import split
+from gradaccum.check import Finding, Report, check
 from gradaccum.memory import BudgetTooSmall, Plan, plan
 from gradaccum.trainer import Trainer
 
@@ -10,10 +11,14 @@ __all__ = [
     "Accumulator",
     "AccumulatorStateError",
     "BudgetTooSmall",
+    "Finding",
     "Plan",
+    "Report",
     "StepResult",
     "Trainer",
+    "check",
     "losses",
+    "noise",
     "plan",
     "split",
 ]

@@ -40,23 +40,28 @@ def batch_size(batch: Any) -> int:
     return distinct.pop()
 
 
-def _slice(batch: Any, start: int, stop: int) -> Any:
+def map_tensors(batch: Any, fn: Any) -> Any:
+    """Apply ``fn`` to every tensor leaf of ``batch``, keeping the containers' types."""
     if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
+        return fn(batch)
     if isinstance(batch, dict):
-        return type(batch)((k, _slice(v, start, stop)) for k, v in batch.items())
+        return type(batch)((k, map_tensors(v, fn)) for k, v in batch.items())
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         # Copy and set every field (not dataclasses.replace, which would reset
         # init=False fields to their defaults); object.__setattr__ also works when frozen.
         out = copy.copy(batch)
         for f in dataclasses.fields(batch):
-            object.__setattr__(out, f.name, _slice(getattr(batch, f.name), start, stop))
+            object.__setattr__(out, f.name, map_tensors(getattr(batch, f.name), fn))
         return out
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_slice(v, start, stop) for v in batch))
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice(v, start, stop) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch  # non-tensor leaves (ints, strings, None) go to every micro-batch
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    return map_tensors(batch, lambda t: t[start:stop])
 
 
 def split(batch: Any, micro_batch_size: int) -> list[Any]:

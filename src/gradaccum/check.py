@@ -1,0 +1,297 @@
+"""``ga.check``: is this model + loss function accumulation-safe? (behind ``gradaccum check``)
+
+It runs the user's own loss function on their batch and looks for what silently breaks
+gradient accumulation:
+
+- ``mean-reduced-loss`` (error): the loss on the batch concatenated with itself must be
+  twice the loss on the batch (a SUM), with twice the items. A MEAN stays the same:
+  measured, a loop converted with a mean loss trained to 0.768 accuracy instead of 0.899
+  and logged a loss 16x too small, so it looked like an improvement.
+- ``gradient-mismatch`` (error): the gradient accumulated over micro-batches of
+  ``micro_batch_size`` (Σ ∇loss_sum_i / Σ num_items_i) must equal the full-batch
+  gradient ∇(loss_sum / num_items) to float rounding.
+- ``batchnorm`` (warning): BatchNorm normalises each micro-batch with its own statistics,
+  so no accumulation can match the full batch in train mode (measured and reported).
+- ``nondeterministic`` (warning): two forward passes in train mode differ (dropout), so
+  runs cannot be compared bit for bit; the gradient comparison runs with it disabled.
+- ``unused-parameters`` (warning): trainable parameters that get no gradient (DDP needs
+  ``find_unused_parameters=True`` for them; they are otherwise harmless here).
+- ``no-items`` (warning, or error when the whole batch has none): micro-batches whose
+  num_items is 0 add nothing; a window of them is skipped.
+
+The model, its gradients, its train/eval flags and every RNG are restored exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradaccum.accumulator import LossFn, count_items
+from gradaccum.batching import batch_size, map_tensors, split
+
+LEVELS = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing ``check`` found."""
+
+    level: str
+    """``error`` (accumulation will be wrong), ``warning`` (know this) or ``info``."""
+    code: str
+    """A fixed code: mean-reduced-loss, gradient-mismatch, batchnorm, nondeterministic,
+    unused-parameters, no-items."""
+    message: str
+    """One line saying what was measured and what to do."""
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.code}: {self.message}"
+
+
+@dataclass
+class Report:
+    """What ``check`` found; ``ok`` when nothing is at error level."""
+
+    findings: list[Finding] = field(default_factory=list)
+    """Every finding, errors first."""
+    gradient_rel_error: float | None = None
+    """||accumulated - full|| / ||full|| over all parameters (None if not compared)."""
+    tolerance: float | None = None
+    """The float-rounding bar the gradient error was held to."""
+    micro_batches: int = 0
+    """How many micro-batches the batch was split into."""
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+    def codes(self) -> list[str]:
+        return [f.code for f in self.findings]
+
+    def __str__(self) -> str:
+        lines = [str(f) for f in self.findings]
+        if self.ok:
+            verdict = "OK: accumulation-safe" + (" (with the warnings above)" if self.findings else "")
+        else:
+            n = sum(f.level == "error" for f in self.findings)
+            verdict = f"NOT OK: {n} error(s): accumulated training will not match the full batch"
+        if self.gradient_rel_error is not None:
+            verdict += (f"; accumulated vs full-batch gradient: relative error {self.gradient_rel_error:.1e} "
+                        f"(bar {self.tolerance:.0e}) over {self.micro_batches} micro-batches")
+        return "\n".join([*lines, verdict])
+
+
+def check(model: nn.Module, loss_fn: LossFn, batch: Any, micro_batch_size: int = 2) -> Report:
+    """Check that ``loss_fn(model, micro_batch) -> (loss_sum, num_items)`` accumulates exactly.
+
+    ``batch`` is one ordinary batch (tensors, or dicts/tuples/dataclasses of them, split
+    along dim 0); it should hold at least two micro-batches of ``micro_batch_size``.
+    Nothing about ``model`` changes: weights, buffers, gradients, train/eval flags and
+    the torch / CUDA / Python RNG states are restored afterwards.
+    """
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable: loss_fn(model, micro_batch) -> (loss_sum, num_items)")
+    micro = split(batch, micro_batch_size)
+    if len(micro) < 2:
+        raise ValueError(
+            f"the batch has {batch_size(batch)} examples: give check() at least two micro-batches "
+            f"of micro_batch_size={micro_batch_size}"
+        )
+    report = Report(micro_batches=len(micro))
+    found = report.findings
+    with _restored(model):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        if _differs_between_forward_passes(model, loss_fn, batch):
+            found.append(Finding("warning", "nondeterministic", (
+                "two forward passes in train mode gave different losses (dropout or other randomness): "
+                "runs cannot match bit for bit; the gradients below were compared with it disabled "
+                "(train mode off)")))
+        _deterministic_mode(model)
+        found += _check_sum_reduction(model, loss_fn, batch)
+        full, items = _full_batch_grads(model, loss_fn, batch, params)
+        accumulated, per_micro = _accumulated_grads(model, loss_fn, micro, params)
+        found += _check_items(per_micro, items)
+        unused = [n for (n, _), g in zip(named, full, strict=True) if g is None] if items > 0 else []
+        if unused:
+            found.append(Finding("warning", "unused-parameters", (
+                f"{len(unused)} trainable parameter(s) get no gradient (e.g. '{unused[0]}'): under DDP pass "
+                "find_unused_parameters=True, or freeze them")))
+        if items > 0:
+            report.tolerance = _tolerance(params)
+            report.gradient_rel_error = _rel_error(accumulated, full)
+            if not report.gradient_rel_error <= report.tolerance:
+                found.append(Finding("error", "gradient-mismatch", (
+                    f"the gradient accumulated over {len(micro)} micro-batches differs from the full-batch "
+                    f"gradient by {report.gradient_rel_error:.2e} (relative; float rounding is below "
+                    f"{report.tolerance:.0e}): loss_fn must return the SUM over its items and the number of "
+                    "items it summed, with no per-micro-batch weighting")))
+        found += _check_batchnorm(model, loss_fn, batch, micro, params)
+    found.sort(key=lambda f: LEVELS.index(f.level))
+    return report
+
+
+# ----------------------------------------------------------------------------- the checks
+def _call(model: nn.Module, loss_fn: LossFn, mb: Any) -> tuple[torch.Tensor, float]:
+    out = loss_fn(model, mb)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("loss_fn must return (loss_sum, num_items)")
+    loss, n = out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError("loss_fn's loss_sum must be a 0-dim tensor")
+    n = count_items(n)
+    return loss, float(n.item() if isinstance(n, torch.Tensor) else n)
+
+
+def _differs_between_forward_passes(model: nn.Module, loss_fn: LossFn, batch: Any) -> bool:
+    model.train()
+    with torch.no_grad():
+        a, _ = _call(model, loss_fn, batch)
+        b, _ = _call(model, loss_fn, batch)
+    return not torch.equal(a, b)
+
+
+def _deterministic_mode(model: nn.Module) -> None:
+    """Dropout off (eval), BatchNorm on its running statistics (eval too): only the loss's
+    own arithmetic is left to compare; BatchNorm is measured separately in train mode."""
+    model.eval()
+
+
+def _check_sum_reduction(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Finding]:
+    twice = map_tensors(batch, lambda t: torch.cat([t, t]))
+    with torch.no_grad():
+        once_loss, once_n = _call(model, loss_fn, batch)
+        twice_loss, twice_n = _call(model, loss_fn, twice)
+    out = []
+    a, b = float(once_loss), float(twice_loss)
+    if math.isfinite(a) and abs(a) > 0 and abs(b / a - 2.0) > 1e-3:
+        kind = "a MEAN was returned" if abs(b / a - 1.0) < 1e-3 else f"it grew {b / a:.3g}x"
+        out.append(Finding("error", "mean-reduced-loss", (
+            f"loss_sum does not grow with the items (batch doubled: loss {a:.6g} -> {b:.6g}, {kind}): "
+            "return the SUM over items, e.g. reduction='sum', and the item count")))
+    if once_n > 0 and abs(twice_n / once_n - 2.0) > 1e-9:
+        out.append(Finding("error", "mean-reduced-loss", (
+            f"num_items does not grow with the batch (doubled: {once_n:g} -> {twice_n:g}): return the "
+            "number of items the loss summed over (samples, or non-ignored tokens)")))
+    return out
+
+
+def _full_batch_grads(
+    model: nn.Module, loss_fn: LossFn, batch: Any, params: list[nn.Parameter]
+) -> tuple[list[torch.Tensor | None], float]:
+    loss, n = _call(model, loss_fn, batch)
+    if n <= 0:
+        return [None] * len(params), n
+    grads = torch.autograd.grad(loss / n, params, allow_unused=True)
+    return [None if g is None else g.detach() for g in grads], n
+
+
+def _accumulated_grads(
+    model: nn.Module, loss_fn: LossFn, micro: list[Any], params: list[nn.Parameter]
+) -> tuple[list[torch.Tensor | None], list[float]]:
+    """What gradaccum computes: Σ ∇loss_sum_i / Σ num_items_i (in the parameters' dtype)."""
+    total: list[torch.Tensor | None] = [None] * len(params)
+    per_micro = []
+    for mb in micro:
+        loss, n = _call(model, loss_fn, mb)
+        per_micro.append(n)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        total = [_add(a, g) for a, g in zip(total, grads, strict=True)]
+    items = sum(per_micro)
+    return [None if g is None or items == 0 else g / items for g in total], per_micro
+
+
+def _check_items(per_micro: list[float], items: float) -> list[Finding]:
+    empty = sum(1 for n in per_micro if n == 0)
+    if items == 0:
+        return [Finding("error", "no-items", (
+            "num_items is 0 for the whole batch: every window would be skipped (are all labels "
+            "ignore_index?)"))]
+    if empty:
+        return [Finding("warning", "no-items", (
+            f"{empty} of {len(per_micro)} micro-batches have num_items 0: they add nothing (fine for "
+            "gradaccum; a window made only of them is skipped)"))]
+    return []
+
+
+def _check_batchnorm(
+    model: nn.Module, loss_fn: LossFn, batch: Any, micro: list[Any], params: list[nn.Parameter]
+) -> list[Finding]:
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return []
+    # Measure what BatchNorm does in train mode (dropout stays off): its running
+    # statistics move here, which _restored() puts back.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    full, n = _full_batch_grads(model, loss_fn, batch, params)
+    accumulated, _ = _accumulated_grads(model, loss_fn, micro, params)
+    off = _rel_error(accumulated, full)
+    measured = f"; in train mode the accumulated gradient is off by {off:.1e}" if n else ""
+    return [Finding("warning", "batchnorm", (
+        f"{len(bns)} BatchNorm layer(s) (e.g. '{bns[0]}') normalise each micro-batch with its own "
+        f"statistics, so accumulation cannot match the full batch{measured}: use GroupNorm/LayerNorm, or "
+        "accept it"))]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _add(total: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor | None:
+    if g is None:
+        return total
+    return g.detach() if total is None else total + g
+
+
+def _tolerance(params: list[nn.Parameter]) -> float:
+    """Float rounding for these dtypes: a thousand ulps, which summation order stays far below."""
+    eps = max(torch.finfo(p.dtype).eps for p in params)
+    return min(1e3 * eps, 1e-2)
+
+
+def _rel_error(got: list[torch.Tensor | None], want: list[torch.Tensor | None]) -> float:
+    num = den = 0.0
+    for a, b in zip(got, want, strict=True):
+        a64 = None if a is None else a.double()
+        b64 = None if b is None else b.double()
+        if b64 is not None:
+            den += float((b64**2).sum())
+        diff = a64 if b64 is None else (b64 if a64 is None else a64 - b64)
+        if diff is not None:
+            num += float((diff**2).sum())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num / den)
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Put back weights, buffers, gradients, train/eval flags and every RNG state."""
+    state = copy.deepcopy(model.state_dict())
+    grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    cpu_rng, py_rng = torch.get_rng_state(), random.getstate()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(state)
+        for p, g in grads.items():
+            p.grad = g
+        for m, training in modes.items():
+            m.training = training
+        torch.set_rng_state(cpu_rng)
+        random.setstate(py_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
