@@ -487,10 +487,11 @@ class Trainer:
             checkpoint.save(state, path)
         except OSError as e:
             raise self._write_failed(path, e, f"saving step {step}") from None
-        except RuntimeError as e:  # torch's zip writer may wrap the OS error
-            if "write" not in str(e).lower():
+        except RuntimeError as e:  # torch's zip writer may wrap, or mask, the OS error
+            cause = _os_error_in(e)
+            if cause is None and "write" not in str(e).lower():
                 raise
-            raise self._write_failed(path, _as_os_error(e, path), f"saving step {step}") from None
+            raise self._write_failed(path, cause or _as_os_error(path), f"saving step {step}") from None
         self._last_saved = step
 
     def _restore(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> tuple[int, float]:
@@ -633,7 +634,19 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def _as_os_error(e: RuntimeError, path: Path) -> OSError:
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (its context or cause chain), if any."""
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _as_os_error(path: Path) -> OSError:
     """torch's writer reports "file write failed": find out whether the disk is full."""
     import errno
     import shutil
