@@ -353,7 +353,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if name in ran:
             axes[2].plot(ran[name]["examples_seen"], ran[name]["grad_norm"], color=COLORS[name],
                          label=f"{name} (batch {batch})", lw=0.8 if name == "small" else 1.5)
-    axes[2].set_ylabel("gradient norm per step")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("gradient norm per step (log)")
     axes[2].set_xlabel("examples seen")
     axes[2].legend()
     for ax in axes:
