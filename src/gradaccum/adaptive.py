@@ -1,0 +1,109 @@
+"""``--effective-batch auto``: grow the effective batch as the measured critical batch grows.
+
+The gradient noise scale B_simple (gradaccum.noise) predicts the critical batch: below it,
+doubling the batch halves the optimizer steps needed; far above it, a bigger batch only
+costs examples (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+sections 2.2-2.3, where B_crit ≈ B_simple). It is small early in training and grows as
+the loss falls, so a fixed batch is too large early or too small late.
+
+The rule, once per optimizer step:
+
+- start with two micro-batches per window (the smallest window the estimator can read);
+- while the measured critical batch (examples) is at least twice the current effective
+  batch, double ``accum_steps``: powers of two, never shrinking, never above
+  ``max_effective_batch``. The micro-batch (and so memory) never changes;
+- wait for ``min_windows`` measured windows before the first decision: the first
+  estimates are the noisiest;
+- scale the learning rate with the batch: by the square root of the batch ratio for
+  Adam-family optimizers (Malladi et al. 2022, "On the SDEs and Scaling Rules for
+  Adaptive Gradient Algorithms"; Granziol et al. 2022), linearly for SGD (Goyal et al.
+  2017, "Accurate, Large Minibatch SGD"). ``--lr`` is the rate at the starting batch.
+
+AdaptDL / Pollux (Qiao et al. 2021) adapted the batch online from the same statistic;
+this is the simpler, monotone version of that idea.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+LR_RULES = ("sqrt", "linear")
+
+
+def lr_rule_for(optimizer: torch.optim.Optimizer) -> str:
+    """``linear`` for plain SGD, ``sqrt`` for Adam-family and every other adaptive optimizer."""
+    return "linear" if isinstance(optimizer, torch.optim.SGD) else "sqrt"
+
+
+@dataclass
+class AdaptiveBatch:
+    """The accumulation steps of ``--effective-batch auto`` and the learning-rate factor."""
+
+    micro_batch: int
+    """Examples per micro-batch per rank (fixed: memory does not change)."""
+    world_size: int = 1
+    """Ranks; the effective batch is micro_batch x accum_steps x world_size."""
+    max_effective_batch: int = 1024
+    """Cap on the effective batch (examples)."""
+    start_accum: int = 2
+    """Micro-batches per window at the start (two: the estimator needs at least two)."""
+    min_windows: int = 10
+    """Measured windows before the batch may grow."""
+    lr_rule: str = "sqrt"
+    """``sqrt`` (Adam-family) or ``linear`` (SGD): how the learning rate follows the batch."""
+    accum_steps: int = field(init=False)
+    """Current micro-batches per window."""
+
+    def __post_init__(self) -> None:
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {LR_RULES}, got {self.lr_rule!r}")
+        for name in ("micro_batch", "world_size", "start_accum", "max_effective_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.accum_steps = self.start_accum
+        if self.effective_batch > self.max_effective_batch:
+            raise ValueError(
+                f"--max-effective-batch {self.max_effective_batch} is below the starting effective batch "
+                f"{self.effective_batch} (micro-batch {self.micro_batch} x {self.start_accum} x world size "
+                f"{self.world_size})"
+            )
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.accum_steps * self.world_size
+
+    @property
+    def start_batch(self) -> int:
+        return self.micro_batch * self.start_accum * self.world_size
+
+    def update(self, critical_batch: float | None, measured_windows: int) -> bool:
+        """After a step: grow ``accum_steps`` if the critical batch says so; True if it changed."""
+        if critical_batch is None or not math.isfinite(critical_batch) or measured_windows < self.min_windows:
+            return False
+        old = self.accum_steps
+        while (critical_batch >= 2 * self.effective_batch
+               and 2 * self.effective_batch <= self.max_effective_batch):
+            self.accum_steps *= 2
+        return self.accum_steps != old
+
+    def lr_factor(self) -> float:
+        """Learning rate multiplier against the starting batch."""
+        ratio = self.effective_batch / self.start_batch
+        return math.sqrt(ratio) if self.lr_rule == "sqrt" else ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accum_steps": self.accum_steps, "start_accum": self.start_accum,
+                "max_effective_batch": self.max_effective_batch, "lr_rule": self.lr_rule}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("start_accum", "max_effective_batch", "lr_rule"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"adaptive batch state has {key}={state.get(key)!r}, this run {getattr(self, key)!r}"
+                )
+        self.accum_steps = int(state["accum_steps"])
