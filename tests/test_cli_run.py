@@ -90,6 +90,7 @@ def _wait_rows(proc: subprocess.Popen, out: Path, n: int) -> None:
     raise AssertionError("no progress")
 
 
+@pytest.mark.slow  # ~20 s; test_trainer.py has the fast in-process version
 def test_sigterm_and_sigint_save_a_checkpoint_and_resume_bitwise(tmp_path, capsys):
     args = ["train", "--steps", "20", *TINY[2:], "--checkpoint-every", "50"]
     ref = tmp_path / "ref"

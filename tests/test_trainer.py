@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 import gradaccum as ga
 from gradaccum import demo
-from gradaccum.runlog import plot_losses
-from gradaccum.trainer import Trainer
+from gradaccum.checkpoint import CheckpointError
+from gradaccum.runlog import OutDirError, plot_losses
+from gradaccum.trainer import Stopped, Trainer
 
 
 def _trainer(tmp_path=None, micro=4, steps=6, effective=16, seed=0, **kw):
@@ -120,6 +123,7 @@ def test_checkpoint_contents_load_with_weights_only(tmp_path):
         assert key in ck
     assert ck["step"] == 2 and ck["accumulator"]["step"] == 2
     assert ck["data"] == {"seed": 0, "effective_batch": 16, "position": 2}
+    assert ck["run"] == {"--steps": 2, "--lr": 3e-3, "--effective-batch": 16, "--seed": 0}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["effective_batch"] == 16
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,3 +188,53 @@ def test_oom_at_micro_batch_one_is_an_error():
     t.loss_fn = always_oom
     with pytest.raises(RuntimeError, match="even with micro-batch 1"):
         t.fit()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_after_the_window_with_a_checkpoint_and_resumes_bitwise(tmp_path, capsys, sig):
+    full = _trainer(tmp_path / "full", steps=6)
+    full.fit()
+    part = _trainer(tmp_path / "part", steps=6, checkpoint_every=0)
+    real, calls = part.loss_fn, {"n": 0}
+
+    def signalling(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 2:  # in the middle of the 3rd window
+            os.kill(os.getpid(), sig)
+        return real(model, batch)
+
+    part.loss_fn = signalling
+    handler_before = signal.getsignal(sig)
+    with pytest.raises(Stopped) as e:
+        part.fit()
+    assert e.value.step == 3 and e.value.exit_code == 128 + sig  # the 3rd window was finished
+    assert signal.getsignal(sig) is handler_before  # handlers restored
+    ck = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 3
+    resumed = _trainer(tmp_path / "part", steps=6, resume=True)
+    resumed.fit()
+    assert "resuming from step 3 of 6" in capsys.readouterr().out
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_changed_run_naming_the_key(tmp_path):
+    _trainer(tmp_path, steps=2, run_config={"--data": "sha256:aaaa"}).fit()
+    with pytest.raises(CheckpointError, match="--data sha256:bbbb differs from sha256:aaaa"):
+        _trainer(tmp_path, steps=2, resume=True, run_config={"--data": "sha256:bbbb"}).fit()
+    with pytest.raises(CheckpointError, match="--steps 3 differs from 2"):
+        _trainer(tmp_path, steps=3, resume=True, run_config={"--data": "sha256:aaaa"}).fit()
+    _trainer(tmp_path, steps=2, resume=True, run_config={"--data": "sha256:aaaa"}).fit()
+
+
+def test_trainer_guards_its_out_dir_too(tmp_path):
+    _trainer(tmp_path, steps=1).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OutDirError, match="already holds a run"):
+        _trainer(tmp_path, steps=1).fit()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    _trainer(tmp_path, steps=1, overwrite=True).fit()
+    with pytest.raises(ValueError, match="contradict"):
+        _trainer(tmp_path, steps=1, overwrite=True, resume=True)
