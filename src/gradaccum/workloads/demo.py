@@ -1,0 +1,273 @@
+"""The built-in demo as a workload: the generated task (with a held-out set and a per-kind
+exact-match score), or the demo model at character level on a --data file.
+
+The demo model and task themselves live in ``gradaccum.demo``; this module only
+builds workloads from them, keeping what ``gradaccum train`` did before workloads
+existed bit for bit (same examples, same model init, same checkpoint ``extra`` keys).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradaccum import demo
+from gradaccum.demo.task import BOS, EOS, IGNORE, TASK_MAX_LEN, TASK_TOKENIZER, CharTokenizer, _puzzle
+from gradaccum.workloads.data import (
+    BadRecord,
+    Example,
+    check_data_file,
+    check_record,
+    file_sha256,
+    load_records,
+    record_location,
+    segments,
+    unreadable,
+)
+from gradaccum.workloads.errors import WorkloadError
+
+TASK_SIZE = 20_000
+"""Generated training examples in the default task (several epochs over a default run)."""
+EVAL_SIZE = 1_000
+"""Held-out generated examples of the default task."""
+TEXT_MAX_LEN = 128
+"""Default context of the demo model on a --data file (``load_text_examples``' default)."""
+KINDS = ("reversal", "addition")
+
+Segments = tuple[list[tuple[str, bool]], bool]
+
+
+# ------------------------------------------------------------------ the generated task
+
+
+@dataclass(frozen=True)
+class Puzzle:
+    prompt: str
+    answer: str
+
+    @property
+    def kind(self) -> str:
+        return puzzle_kind(self.prompt)
+
+
+def puzzle_kind(prompt: str) -> str:
+    """``"reversal"`` (``<abc:``) or ``"addition"`` (``12+34=``), as ``task._puzzle`` makes them."""
+    return "reversal" if prompt.startswith("<") else "addition"
+
+
+def encode_puzzle(p: Puzzle) -> Example:
+    """The same encoding as ``demo.make_examples``: only the answer and EOS counted."""
+    prompt, answer = TASK_TOKENIZER.encode(p.prompt), TASK_TOKENIZER.encode(p.answer) + [EOS]
+    return [BOS, *prompt, *answer], [IGNORE] * (1 + len(prompt)) + answer
+
+
+def prompt_of(example: Example) -> str:
+    """The prompt text of a task example: the tokens after BOS before the first counted label."""
+    ids, labels = example
+    start = next(i for i, x in enumerate(labels) if x != IGNORE)
+    return TASK_TOKENIZER.decode(ids[1:start])
+
+
+def heldout_puzzles(train: Sequence[Example], size: int = EVAL_SIZE, seed: int = 0) -> list[Puzzle]:
+    """``size`` puzzles whose prompts are not in ``train`` (nor repeated), from their own seed stream.
+
+    Short prompts are all seen in training (there are only 10 one-letter reversals), so
+    the held-out set leans to longer ones: a test of generalisation, not recall.
+    """
+    seen = {prompt_of(ex) for ex in train}
+    rng = random.Random(f"gradaccum-heldout:{seed}")  # a str seed: a stream apart from make_examples'
+    out: list[Puzzle] = []
+    for _ in range(1000 * size):  # bounded, though in practice ~1.1 draws per puzzle
+        if len(out) == size:
+            break
+        prompt, answer = _puzzle(rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(Puzzle(prompt, answer))
+    return out
+
+
+@torch.no_grad()
+def puzzle_accuracy(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int = 256) -> dict[str, float]:
+    """Exact-match accuracy per puzzle kind under greedy decoding: answer then EOS, nothing else.
+
+    Prompts are batched by length, so no padding (and no position shift) is involved;
+    a puzzle is right when the first ``len(answer) + 1`` generated tokens are the
+    answer and EOS, which is what greedy generation up to EOS would print.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    limit = getattr(getattr(model, "config", None), "n_positions", None) or TASK_MAX_LEN
+    # transformers 5.2x renamed the KV-cache argument (and output) past_key_values -> cache
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    by_len: dict[int, list[Puzzle]] = defaultdict(list)
+    for p in puzzles:
+        by_len[len(p.prompt)].append(p)
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    try:
+        for length, group in sorted(by_len.items()):
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                targets = [TASK_TOKENIZER.encode(p.answer) + [EOS] for p in chunk]
+                ids = torch.tensor([[BOS, *TASK_TOKENIZER.encode(p.prompt)] for p in chunk], device=device)
+                steps = min(max(map(len, targets)), limit - ids.shape[1])
+                out = model(input_ids=ids, use_cache=True)  # then one token at a time, with the KV cache
+                for _ in range(steps):
+                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                    ids = torch.cat([ids, nxt], dim=1)
+                    out = model(input_ids=nxt, use_cache=True, **{cache_kw: out[cache_kw]})
+                generated = ids[:, 1 + length :].tolist()
+                for p, t, g in zip(chunk, targets, generated, strict=True):
+                    total[p.kind] += 1
+                    right[p.kind] += g[: len(t)] == t
+    finally:
+        model.train(was_training)
+    return {k: right[k] / total[k] for k in KINDS if total[k]}
+
+
+# ------------------------------------------------------------ --data at character level
+
+
+def text_lines(path: str | Path, flag: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, by ``load_text_examples``' rule."""
+    p = check_data_file(path, flag)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WorkloadError(f"{flag} {path}: not UTF-8 text (byte {e.start})") from None
+    return [ln for ln in (s.strip("\r") for s in text.split("\n")) if ln.strip()]
+
+
+def file_segments(
+    path: str | Path, flag: str, cache_dir: str | None, progress: bool
+) -> tuple[list[Segments], str]:
+    """Every example of a data file as text segments ``(text, in_loss)``, and the file's format."""
+    if Path(path).suffix.lower() == ".txt":
+        return [([(ln, True)], True) for ln in text_lines(path, flag)], "text"
+    ds, fmt = load_records(path, flag, cache_dir, progress)
+    out = []
+    try:
+        for i, record in enumerate(ds):  # the demo holds its data in memory anyway
+            check_record(record, fmt, i)
+            out.append(segments(record, fmt))
+    except BadRecord as e:
+        raise WorkloadError(f"{flag} {path} {record_location(Path(path), e.index)}: {e.why}") from None
+    except Exception as e:  # Arrow lets some bad bytes through to here (invalid UTF-8)
+        raise unreadable(Path(path), flag, e) from None
+    return out, fmt
+
+
+def char_examples(items: Sequence[Segments], tok: CharTokenizer, max_len: int) -> tuple[list[Example], int]:
+    """Encode at character level; a body longer than ``max_len - 2`` is cut (EOS kept), counted.
+
+    For a ``.txt`` line this is exactly ``load_text_examples``' encoding.
+    """
+    out, cut = [], 0
+    for segs, eos_in_loss in items:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, in_loss in segs:
+            enc = tok.encode(text)
+            ids += enc
+            labels += enc if in_loss else [IGNORE] * len(enc)
+        if len(ids) > max_len - 2:
+            cut += 1
+            ids, labels = ids[: max_len - 2], labels[: max_len - 2]
+        out.append(([BOS, *ids, EOS], [IGNORE, *labels, EOS if eos_in_loss else IGNORE]))
+    return out, cut
+
+
+def check_vocabulary(items: Sequence[Segments], tok: CharTokenizer, path: str | Path, flag: str) -> None:
+    """Eval text must use the training data's characters: the demo model's vocabulary.
+
+    (Growing the vocabulary for eval data would change the model's initialisation, so
+    the training run would depend on the eval file.)
+    """
+    known = set(tok.alphabet)
+    for i, (segs, _) in enumerate(items):
+        for text, _in_loss in segs:
+            new = sorted(set(text) - known)
+            if new:
+                where = record_location(Path(path), i)
+                raise WorkloadError(
+                    f"{flag} {path} {where}: character {new[0]!r} does not occur in --data "
+                    "(the demo model's vocabulary is the training data's characters)"
+                )
+
+
+@dataclass
+class DemoParts:
+    """What ``build_workload`` needs from the demo side."""
+
+    model: nn.Module
+    examples: list[Example]
+    tokenizer: CharTokenizer
+    extra_state: dict[str, Any]
+    fingerprint: str
+    format: str
+    truncated: int = 0
+    eval_examples: list[Example] | None = None
+    eval_truncated: int = 0
+    eval_fingerprint: str | None = None
+    puzzles: list[Puzzle] | None = None
+
+
+def build_demo(
+    data: str | None,
+    eval_data: str | None,
+    max_length: int | None,
+    seed: int,
+    task_size: int = TASK_SIZE,
+    eval_size: int = EVAL_SIZE,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> DemoParts:
+    """The demo model on the generated task (``data is None``) or on a data file."""
+    if data is None:
+        if eval_data is not None:
+            raise WorkloadError("--eval-data: the built-in task has its own held-out set; give --data too")
+        examples, tok, max_len = demo.make_examples(task_size, seed), TASK_TOKENIZER, TASK_MAX_LEN
+        puzzles = heldout_puzzles(examples, eval_size, seed)
+        model = demo.build_model(tok.vocab_size, max_len, seed=seed)
+        extra = {"task": "demo", "vocab": "".join(tok.alphabet), "max_len": max_len}
+        return DemoParts(
+            model, examples, tok, extra, "demo", "demo",
+            eval_examples=[encode_puzzle(p) for p in puzzles], puzzles=puzzles,
+        )
+
+    limit = max_length if max_length is not None else TEXT_MAX_LEN
+    if Path(data).suffix.lower() == ".txt":
+        # Exactly what `gradaccum train --data FILE.txt` always did (examples, vocab, extra).
+        try:
+            examples, tok = demo.load_text_examples(data, limit)
+        except demo.TextFileError as e:
+            raise WorkloadError(str(e)) from None
+        truncated = sum(len(ln) > limit - 2 for ln in text_lines(data, "--data"))
+        fmt = "text"
+        extra: dict[str, Any] = {"task": "text", "vocab": "".join(tok.alphabet)}
+    else:
+        items, fmt = file_segments(data, "--data", cache_dir, progress)
+        tok = CharTokenizer(sorted({c for segs, _ in items for text, _ in segs for c in text}))
+        examples, truncated = char_examples(items, tok, limit)
+        extra = {"task": "jsonl", "format": fmt, "data": file_sha256(data), "vocab": "".join(tok.alphabet)}
+    max_len = max(len(ids) for ids, _ in examples)
+    extra["max_len"] = max_len
+    model = demo.build_model(tok.vocab_size, max_len, seed=seed)
+    parts = DemoParts(model, examples, tok, extra, file_sha256(data), fmt, truncated)
+    if eval_data is not None:
+        eval_items, _ = file_segments(eval_data, "--eval-data", cache_dir, progress)
+        check_vocabulary(eval_items, tok, eval_data, "--eval-data")
+        # Cut to the training context: the model has max_len positions and no more.
+        parts.eval_examples, parts.eval_truncated = char_examples(eval_items, tok, max_len)
+        parts.eval_fingerprint = file_sha256(eval_data)
+    return parts

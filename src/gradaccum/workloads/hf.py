@@ -1,0 +1,195 @@
+"""A Hugging Face causal LM from a local directory (what ``save_pretrained`` writes).
+
+Everything is loaded with ``local_files_only=True``: a path that is not a usable model
+directory is a one-line WorkloadError naming it, never a download attempt or a
+traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradaccum import losses
+from gradaccum.workloads.errors import WorkloadError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Any one of these marks a directory that has a tokenizer."""
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "auto": None,  # as saved (config's dtype)
+}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def check_model_dir(path: str | Path, flag: str = "--model", tokenizer: bool = True) -> Path:
+    """``path`` as a directory with a config.json (and tokenizer files, unless told not to)."""
+    p = Path(path)
+    if not p.is_dir():
+        what = "no such directory" if not p.exists() else "not a directory"
+        raise WorkloadError(f"{flag} {path}: {what} (expected a Hugging Face model directory or 'demo')")
+    if not (p / "config.json").is_file():
+        raise WorkloadError(f"{flag} {path}: no config.json (not a Hugging Face model directory)")
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise WorkloadError(f"{flag} {path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return p
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether ``AutoModelForCausalLM`` builds a real causal LM from ``config``.
+
+    The config type alone is not enough: BERT and RoBERTa configs are in the causal-LM
+    mapping (as decoders), so a saved encoder must be told apart by its saved
+    ``architectures`` or, without them, by ``is_decoder``.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING,
+    )
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(config, "is_encoder_decoder", False):
+        return False
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs:
+        names: set[str] = set()
+        for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            names.update((v,) if isinstance(v, str) else v)
+        return any(a in names or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return bool(getattr(config, "is_decoder", False)) or type(config) not in MODEL_FOR_MASKED_LM_MAPPING
+
+
+def load_config(path: str | Path, flag: str = "--model", tokenizer: bool = True) -> Any:
+    """The checked config of a causal-LM directory (no weights read)."""
+    from transformers import AutoConfig
+
+    p = check_model_dir(path, flag, tokenizer)
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # bad JSON, unknown model_type, ...
+        raise WorkloadError(f"{flag} {path}: cannot read config.json ({_one_line(e)})") from None
+    if not is_causal_lm(config):
+        archs = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+        raise WorkloadError(
+            f"{flag} {path}: not a causal language model ({config.model_type}: {archs}); "
+            "expected one AutoModelForCausalLM loads"
+        )
+    return config
+
+
+def load_tokenizer(path: str | Path, flag: str = "--model") -> Any:
+    from transformers import AutoTokenizer
+
+    check_model_dir(path, flag)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise WorkloadError(f"{flag} {path}: cannot load the tokenizer ({_one_line(e)})") from None
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp32"``/``"bf16"``/``"fp16"``/``"auto"`` (or a torch dtype) -> torch dtype, None for as-saved."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise WorkloadError(f"dtype {dtype!r}: expected one of fp32, bf16, fp16, auto") from None
+
+
+def load_model(
+    path: str | Path, dtype: str | torch.dtype | None = "fp32", flag: str = "--model", progress: bool = True
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype``, in train mode.
+
+    ``dtype="fp32"`` (the default) keeps fp32 master weights whatever the checkpoint's
+    dtype (mixed precision is autocast's job); ``"bf16"`` trains bf16 weights, whose
+    gradients must then be accumulated in fp32 (see ``grad_dtype_for``); ``"auto"``
+    keeps the saved dtype.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    load_config(path, flag)
+    want = torch_dtype(dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype="auto" if want is None else want
+        )
+    except Exception as e:  # no weights file, weights that do not fit the config, ...
+        raise WorkloadError(f"{flag} {path}: cannot load the model ({_one_line(e)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.train()  # from_pretrained returns eval mode; a training workload trains
+    return model
+
+
+def load_config_only(
+    path: str | Path, dtype: str | torch.dtype | None = "fp32", flag: str = "--model"
+) -> nn.Module:
+    """The model built from config.json alone on the meta device: shapes and dtypes, no memory.
+
+    For planning without reading the weights (tokenizer files are not required).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, flag, tokenizer=False)
+    want = torch_dtype(dtype)
+    if want is None:
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        known = isinstance(saved, (str, torch.dtype)) and saved != "auto"
+        want = (torch_dtype(saved) if known else None) or torch.float32
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=want)
+    except Exception as e:
+        why = _one_line(e)
+        raise WorkloadError(f"{flag} {path}: cannot build the model from config.json ({why})") from None
+
+
+def grad_dtype_for(model: nn.Module) -> torch.dtype | None:
+    """``torch.float32`` when some trainable weight is bf16/fp16: accumulate its grads in fp32."""
+    low = (torch.bfloat16, torch.float16)
+    return torch.float32 if any(p.dtype in low for p in model.parameters() if p.requires_grad) else None
+
+
+def max_positions(config: Any) -> int | None:
+    """The model's context length, where its config says it."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and the number of labels really predicted after the shift.
+
+    Labels are not passed to the model: its own loss would be a mean (and some
+    transformers versions count one extra label per sequence). ``causal_lm`` sums in
+    float32 or wider and counts exactly.
+    """
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    )
+    return losses.causal_lm(out.logits, batch["labels"].to(device))
