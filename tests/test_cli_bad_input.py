@@ -149,6 +149,8 @@ CASES = [
     Case("out-empty", [*TINY, "--out", ""], ("--out", "empty")),
     Case("out-under-a-file", [*TINY, "--out", "{tmp}/afile/run"], ("--out", "afile"), _mkfile("afile")),
     Case("out-is-a-file", [*TINY, "--out", "{tmp}/afile"], ("--out",), _mkfile("afile")),
+    Case("out-dangling-symlink", [*TINY, "--out", "{tmp}/link"], ("--out", "symbolic link"),
+         lambda tmp: (tmp / "link").symlink_to(tmp / "nowhere")),
     Case("out-name-too-long", [*TINY, "--out", "{tmp}/" + "x" * 300], ("--out",)),
     Case("out-holds-a-run", [*TINY, "--out", R], ("--out", "already holds a run", "--resume", "--overwrite")),
     Case("out-holds-a-run-other-flags", ["--steps", "5", "--out", R], ("--out", "already holds a run")),

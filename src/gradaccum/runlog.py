@@ -60,6 +60,8 @@ def check_out_path(out: str | Path, flag: str = "--out") -> Path:
     try:
         if path.exists() and not path.is_dir():
             raise OutDirError(f"{flag} {path}: exists and is not a directory")
+        if path.is_symlink() and not path.exists():
+            raise OutDirError(f"{flag} {path}: is a broken symbolic link")
         for parent in path.absolute().parents:
             if parent.exists():
                 if not parent.is_dir():
