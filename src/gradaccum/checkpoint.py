@@ -47,10 +47,40 @@ def atomic_write_bytes(path: str | Path, write: Any) -> None:
             os.close(dfd)
 
 
+def atomic_write_dir(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_dir)`` on a fresh directory beside ``path``, then swap it into place.
+
+    A kill at any moment leaves the old directory or the new one under ``path`` (during
+    the two renames, at worst the old one under ``.NAME.old``, which the next save removes).
+    """
+    import shutil
+
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.parent / f".{path.name}.old"
+    try:
+        write(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale_temps(folder: str | Path, names: tuple[str, ...]) -> None:
     """Delete temp files that a kill in the middle of ``atomic_write_bytes`` left behind."""
+    import shutil
+
     for name in names:
         for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            if tmp.is_dir() and not tmp.is_symlink():  # an atomic_write_dir cut short
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue
             with contextlib.suppress(OSError):
                 tmp.unlink()
 

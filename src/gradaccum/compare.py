@@ -58,17 +58,11 @@ class Series:
 
 
 def data_order(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Dataset indices at stream positions [start, start + count): per-epoch seeded shuffles
-    (the Trainer's order, so a compare run sees what ``gradaccum train`` would)."""
-    out: list[int] = []
-    perm_epoch, perm = -1, []
-    for pos in range(start, start + count):
-        epoch = pos // n
-        if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
-        out.append(perm[pos % n])
-    return out
+    """Dataset indices at stream positions [start, start + count): the Trainer's order, so a
+    compare run sees what ``gradaccum train`` would."""
+    from gradaccum.trainer import stream_indices
+
+    return stream_indices(n, seed, start, count)
 
 
 def full_batch_fits(

@@ -32,6 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PLOT = "loss.png"
+MODEL_DIR = "model"  # OUT/model: save_pretrained form (HF models and LoRA adapters)
 LOCK = ".gradaccum.lock"
 OUTPUTS = (METRICS, CHECKPOINT, SUMMARY, PLOT)
 RUN_MARKERS = (METRICS, CHECKPOINT)
@@ -153,9 +154,13 @@ def guard(out: str | Path, resume: bool, overwrite: bool, flag: str = "--out", l
 
 def clear_outputs(out: Path) -> None:
     """--overwrite: remove the previous run's outputs (only the files gradaccum writes)."""
+    import shutil
+
     for name in OUTPUTS:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
+    if (out / MODEL_DIR).is_dir() and not (out / MODEL_DIR).is_symlink():
+        shutil.rmtree(out / MODEL_DIR)
 
 
 # --------------------------------------------------------------------------- the lock

@@ -1,10 +1,10 @@
 """The loop behind ``gradaccum train``: data -> windows -> Accumulator.
 
-Data order depends only on the seed and the step: optimizer step ``s`` consumes the
-examples at positions ``[s*E, (s+1)*E)`` of a stream of per-epoch seeded
-permutations (E = effective batch), split into micro-batches afterwards. So the
-micro-batch size changes nothing but float rounding, and resuming needs only the
-step number to know where the data stands.
+Data order depends only on the seed and the position in the stream, counted in
+examples: an optimizer step of effective batch E consumes the next E examples of a
+stream of per-epoch seeded permutations, split into micro-batches afterwards. So the
+micro-batch size changes nothing but float rounding, the effective batch may change
+between steps (``--effective-batch auto``), and resuming needs only the position.
 
 What a run leaves on disk (metrics, summary, plot, the output-directory guard and
 lock) lives in :mod:`gradaccum.runlog`; atomic checkpoint files in
@@ -15,6 +15,7 @@ stops after the same step.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -33,6 +34,7 @@ from torch import nn
 
 from gradaccum import checkpoint, runlog, sync
 from gradaccum.accumulator import Accumulator, LossFn, StepResult
+from gradaccum.adaptive import AdaptiveBatch
 from gradaccum.memory import candidate_micro_batches, next_smaller
 from gradaccum.runlog import CHECKPOINT, METRICS, PLOT, SUMMARY, OutDirError, OutputWriteError, plot_losses
 
@@ -49,6 +51,21 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: adds "run" (what defines the run) and "metrics" (the history)
+EVALS_PER_RUN = 10  # default --eval-every: this many evaluations per run, and one at the end
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Dataset indices at stream positions ``[start, start + count)``: per-epoch shuffles
+    seeded by ``seed`` and the epoch, so any position is found without replaying."""
+    out: list[int] = []
+    epoch, perm = -1, []
+    for pos in range(start, start + count):
+        if pos // n != epoch:
+            epoch = pos // n
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g).tolist()
+        out.append(perm[pos % n])
+    return out
 
 
 def _default_collate(examples: list[Any]) -> Any:
@@ -155,6 +172,22 @@ class Trainer:
     """On SIGTERM/SIGINT finish the window, save a checkpoint and raise :class:`Stopped`."""
     oom_replay: bool = True
     """On CUDA out-of-memory, drop to the next smaller micro-batch and replay the window."""
+    grad_dtype: torch.dtype | None = None
+    """Accumulate gradients of low-precision weights in this dtype (fp32 for bf16 weights)."""
+    autocast_dtype: torch.dtype | None = None
+    """Run forward passes under ``torch.autocast`` in this dtype (bf16, or fp16 with a GradScaler)."""
+    eval_dataset: Sequence[Any] | None = None
+    """Held-out examples: the exact item-mean loss on them is logged as ``eval_loss``."""
+    eval_every: int | None = None
+    """Evaluate every N steps and at the end; None: ten times per run; 0: only at the end."""
+    measure_noise: bool = True
+    """Measure the gradient noise scale (``noise_scale``, ``critical_batch`` in the metrics)."""
+    adaptive: AdaptiveBatch | None = None
+    """``--effective-batch auto``: grows accum_steps as the critical batch grows (see adaptive.py)."""
+    save_model: Callable[[nn.Module, Path], None] | None = None
+    """Writes the trained model to ``OUT/model`` (rank 0, at every checkpoint and at the end)."""
+    final_metrics: Callable[[nn.Module], dict[str, Any]] | None = None
+    """Scores the trained model once at the end (e.g. the demo's accuracy per puzzle kind)."""
 
     def __post_init__(self) -> None:
         self.rank = sync.rank()
@@ -170,34 +203,36 @@ class Trainer:
             raise ValueError("the dataset is empty")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: give one")
+        if self.adaptive is not None:
+            self.effective_batch = self.adaptive.effective_batch
         self.per_rank = self.effective_batch // self.world_size
         self.accum_steps = self.per_rank // self.micro_batch
-        self._perm_epoch = -1
-        self._perm: list[int] = []
         self.history = runlog.MetricsHistory()
         self._last_saved: int | None = None
+        self._position = 0  # examples of the stream consumed before the current step
+        if self.eval_every is None:
+            self.eval_every = max(1, self.steps // EVALS_PER_RUN)
 
     def defining_config(self) -> dict[str, Any]:
         """What defines this run (checked on resume), keyed by flag."""
-        return {"--steps": self.steps, "--lr": self.lr, "--effective-batch": self.effective_batch,
+        batch = "auto" if self.adaptive is not None else self.effective_batch
+        return {"--steps": self.steps, "--lr": self.lr, "--effective-batch": batch,
                 "--seed": self.seed, **self.run_config}
 
     # ------------------------------------------------------------------ data
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g).tolist(), epoch
-        return self._perm
-
     def step_indices(self, step: int) -> list[int]:
-        """Dataset indices of optimizer step ``step`` for this rank (its contiguous shard)."""
-        n = len(self.dataset)
-        start = step * self.effective_batch + self.rank * self.per_rank
-        return [self._permutation(p // n)[p % n] for p in range(start, start + self.per_rank)]
+        """Dataset indices of optimizer step ``step`` for this rank, at a fixed effective batch."""
+        return self._indices(step * self.effective_batch)
 
-    def micro_batches(self, step: int) -> Iterator[Any]:
-        """This rank's micro-batches of step ``step``, collated lazily one at a time."""
-        idx = self.step_indices(step)
+    def _indices(self, position: int) -> list[int]:
+        """This rank's contiguous shard of the effective batch that starts at ``position``."""
+        start = position + self.rank * self.per_rank
+        return stream_indices(len(self.dataset), self.seed, start, self.per_rank)
+
+    def micro_batches(self, step: int | None = None) -> Iterator[Any]:
+        """This rank's micro-batches of the current step (or of ``step`` at a fixed effective
+        batch), collated lazily one at a time."""
+        idx = self._indices(self._position if step is None else step * self.effective_batch)
         for i in range(0, len(idx), self.micro_batch):
             yield self.collate_fn([self.dataset[j] for j in idx[i : i + self.micro_batch]])
 
@@ -219,7 +254,15 @@ class Trainer:
         params = list(model.parameters())
         opt = (self.optimizer_factory or self._adamw)(params)
         sched = self.scheduler_factory(opt) if self.scheduler_factory else None
-        acc = Accumulator(model, opt, self.accum_steps, scheduler=sched, max_grad_norm=self.max_grad_norm)
+        scaler = None
+        if self.autocast_dtype == torch.float16:
+            scaler = torch.amp.GradScaler(_device_type(model))  # fp16 needs loss scaling
+        acc = Accumulator(
+            model, opt, self.accum_steps, scheduler=sched, max_grad_norm=self.max_grad_norm,
+            grad_dtype=self.grad_dtype, grad_scaler=scaler,
+            measure_noise=self.measure_noise and not sync.is_fsdp2(model),
+        )
+        self._scaler = scaler
         out = Path(self.out_dir) if self.out_dir is not None else None
         writes = out is not None and self.rank == 0
         if self.resume and out is None:
@@ -272,7 +315,7 @@ class Trainer:
         try:
             if self.overwrite:
                 runlog.clear_outputs(out)
-            checkpoint.remove_stale_temps(out, runlog.OUTPUTS)
+            checkpoint.remove_stale_temps(out, (*runlog.OUTPUTS, runlog.MODEL_DIR))
             if self.resume:
                 # The checkpoint is the truth: metrics.jsonl gets exactly its steps 1..start,
                 # whatever a kill (or anything else) left in the file.
@@ -287,6 +330,10 @@ class Trainer:
         writes = out is not None and self.rank == 0
         bar = self._progress_bar(start)
         self._items_run: int | float = 0
+        self._examples_run = 0
+        applied = [r for r in self.history.rows() if not r.get("skipped")]
+        self._items_applied: float = sum(float(r.get("num_items", 0)) for r in applied)
+        self._examples_applied: float = sum(float(r.get("effective_batch", 0)) for r in applied)
         t0 = time.perf_counter()
         log = None
         try:
@@ -299,8 +346,13 @@ class Trainer:
             with _StopSignals(self.handle_signals) as signals:
                 for step in range(start, self.steps):
                     result = self._run_window(acc, step)
+                    self._position += self.effective_batch
                     elapsed = elapsed_before + time.perf_counter() - t0
                     row = self._row(result, step, elapsed, time.perf_counter() - t0, start)
+                    if self._eval_due(step + 1):
+                        row["eval_loss"] = self.evaluate()
+                    if self.adaptive is not None:
+                        self._adapt(acc, opt, sched, row.get("critical_batch"))
                     self.history.append(row)
                     if log is not None:
                         try:
@@ -353,7 +405,7 @@ class Trainer:
         result: StepResult | None = None
         agreed = False
         try:
-            for i, mb in enumerate(self.micro_batches(step)):
+            for i, mb in enumerate(self.micro_batches()):
                 if agree and i == self.accum_steps - 1:
                     # Before the last micro-batch (whose backward syncs gradients) every
                     # rank says whether it ran out of memory, so all replay together.
@@ -362,7 +414,8 @@ class Trainer:
                         acc.discard()
                         return None
                 with acc.micro_step():
-                    loss_sum, num_items = self.loss_fn(self._train_model, mb)
+                    with self._autocast():
+                        loss_sum, num_items = self.loss_fn(self._train_model, mb)
                     result = acc.backward(loss_sum, num_items)
         except torch.cuda.OutOfMemoryError:
             if not self.oom_replay or agreed:
@@ -392,11 +445,79 @@ class Trainer:
                 flush=True,
             )
 
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(_device_type(self._train_model), dtype=self.autocast_dtype)
+
     def _adamw(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
 
+    # ------------------------------------------------------------------ eval, noise, adaptive batch
+    def _eval_due(self, done: int) -> bool:
+        if self.eval_dataset is None or len(self.eval_dataset) == 0:
+            return False
+        return done == self.steps or bool(self.eval_every and done % self.eval_every == 0)
+
+    def evaluate(self) -> float:
+        """Exact item-mean loss over ``eval_dataset`` (Σ loss_sum / Σ num_items, all ranks)."""
+        assert self.eval_dataset is not None
+        model = self._unwrapped()
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        mine = range(self.rank, len(self.eval_dataset), self.world_size)
+        try:
+            with torch.no_grad(), self._autocast():
+                for i in range(0, len(mine), self.micro_batch):
+                    batch = self.collate_fn([self.eval_dataset[j] for j in mine[i : i + self.micro_batch]])
+                    loss_sum, n = self.loss_fn(model, batch)
+                    pair = [loss_sum.detach().double().cpu(), torch.as_tensor(n).double().cpu()]
+                    total += torch.stack(pair)
+        finally:
+            model.train(was_training)
+        if self.world_size > 1:
+            total = sync.all_reduce_sum(total.to(sync.collective_device())).cpu()
+        loss, items = total.tolist()
+        return loss / items if items else math.nan
+
+    def _critical_batch(self, noise_scale: float | None) -> float | None:
+        """The noise scale (items) in examples, at the run's mean items per example so far."""
+        if noise_scale is None or self._examples_applied <= 0 or self._items_applied <= 0:
+            return None
+        return noise_scale * self._examples_applied / self._items_applied
+
+    def _adapt(self, acc: Accumulator, opt: torch.optim.Optimizer, sched: Any,
+               critical: float | None) -> None:
+        """--effective-batch auto: grow accum_steps (and the lr with it) for the next step."""
+        assert self.adaptive is not None
+        old = self.adaptive.lr_factor()
+        if not self.adaptive.update(critical, acc.noise.windows if acc.noise is not None else 0):
+            return
+        self.effective_batch = self.adaptive.effective_batch
+        self.per_rank = self.effective_batch // self.world_size
+        self.accum_steps = acc.accum_steps = self.adaptive.accum_steps
+        ratio = self.adaptive.lr_factor() / old
+        for g in opt.param_groups:
+            g["lr"] *= ratio
+        if sched is not None and hasattr(sched, "base_lrs"):
+            # LambdaLR-style schedules recompute the lr from base_lrs every step.
+            sched.base_lrs = [b * ratio for b in sched.base_lrs]
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if self.rank == 0:
+            print(f"gradaccum: effective batch auto: {self.effective_batch // 2} -> {self.effective_batch} "
+                  f"(accum steps {self.accum_steps}; measured critical batch {critical:.0f}; "
+                  f"lr x{ratio:.3g})", file=sys.stderr, flush=True)
+
     def _row(self, r: StepResult, step: int, elapsed: float, run_time: float, start: int) -> dict[str, Any]:
         self._items_run += r.num_items
+        self._examples_run += self.effective_batch
+        if not r.skipped:
+            self._items_applied += r.num_items
+            self._examples_applied += self.effective_batch
+        noise = {}
+        if r.noise_scale is not None:
+            noise = {"noise_scale": r.noise_scale, "critical_batch": self._critical_batch(r.noise_scale)}
         return {
             "step": step + 1,
             "loss": r.loss,
@@ -408,10 +529,11 @@ class Trainer:
             "accum_steps": self.accum_steps,
             "world_size": self.world_size,
             "effective_batch": self.effective_batch,
-            "examples_seen": (step + 1) * self.effective_batch,
+            "examples_seen": self._position,
             "elapsed_s": round(elapsed, 4),
             f"{self.items_name}_per_s": round(self._items_run / max(run_time, 1e-9), 2),
-            "examples_per_s": round((step + 1 - start) * self.effective_batch / max(run_time, 1e-9), 2),
+            "examples_per_s": round(self._examples_run / max(run_time, 1e-9), 2),
+            **noise,
         }
 
     # ------------------------------------------------------------------ reporting
@@ -474,7 +596,9 @@ class Trainer:
             "scheduler": sched.state_dict() if sched is not None else None,
             "accumulator": acc.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "data": {"seed": self.seed, "effective_batch": self.effective_batch, "position": step},
+            "data": {"seed": self.seed, "effective_batch": self._start_batch(), "position": step,
+                     "examples": self._position},
+            "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None,
             "config": {"micro_batch": self.micro_batch, "steps": self.steps, "lr": self.lr},
             "run": self.defining_config(),
             "metrics": self.history.state_dict(),
@@ -493,6 +617,12 @@ class Trainer:
                 raise
             raise self._write_failed(path, cause or _as_os_error(path), f"saving step {step}") from None
         self._last_saved = step
+        if self.save_model is not None:
+            target = path.parent / runlog.MODEL_DIR
+            try:
+                self.save_model(self._unwrapped(), target)
+            except OSError as e:
+                raise self._write_failed(target, e, f"saving the model of step {step}") from None
 
     def _restore(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> tuple[int, float]:
         ck = checkpoint.load(path, required=("step", "model", "optimizer", "accumulator", "rng", "data"))
@@ -516,12 +646,21 @@ class Trainer:
         data = ck["data"]
         if not isinstance(data, dict):
             raise bad("'data' is not a dict")
-        for name, flag in (("seed", "--seed"), ("effective_batch", "--effective-batch")):
-            if data.get(name) != getattr(self, name):
+        for name, flag, mine in (("seed", "--seed", self.seed),
+                                 ("effective_batch", "--effective-batch", self._start_batch())):
+            if data.get(name) != mine:
                 raise checkpoint.CheckpointError(
-                    f"{flag} {getattr(self, name)} does not match the checkpoint's {data.get(name)} "
+                    f"{flag} {mine} does not match the checkpoint's {data.get(name)} "
                     f"({path}); resume needs the same data order"
                 )
+        position = data.get("examples", step * self._start_batch())
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise bad(f"the data position is {position!r}")
+        if self.adaptive is not None:
+            try:
+                self.adaptive.load_state_dict(ck.get("adaptive") or {})
+            except (ValueError, TypeError, KeyError) as e:
+                raise bad(f"the adaptive batch state does not fit this run ({e})") from None
         if ck.get("extra", {}) != self.extra_state:
             raise checkpoint.CheckpointError(f"{path}: was made for other data or another model")
         if step > self.steps:
@@ -591,25 +730,43 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError) as e:
             raise bad(f"broken RNG state ({str(e).strip()[:100] or type(e).__name__})") from None
         self.history = history
+        self._position = position
+        if self.adaptive is not None:
+            self.effective_batch = self.adaptive.effective_batch
+            self.per_rank = self.effective_batch // self.world_size
+            self.accum_steps = acc.accum_steps = self.adaptive.accum_steps
         return step, float(elapsed)
+
+    def _start_batch(self) -> int:
+        return self.adaptive.start_batch if self.adaptive is not None else self.effective_batch
 
     # ------------------------------------------------------------------ outputs
     def _finish(self, out: Path | None) -> dict[str, Any]:
         rows = self.history.rows() if self.rank == 0 else []
         losses = [r["loss"] for r in rows if not r.get("skipped")]
+        evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+        critical = [r["critical_batch"] for r in rows if r.get("critical_batch") is not None]
+        extra: dict[str, Any] = {}
+        if self.final_metrics is not None and self.rank == 0:
+            extra = self.final_metrics(self._unwrapped())
         summary = {
             "steps": self.steps,
             "effective_batch": self.effective_batch,
             "micro_batch": self.micro_batch,
             "accum_steps": self.accum_steps,
             "world_size": self.world_size,
-            "examples_seen": self.steps * self.effective_batch,
+            "examples_seen": self._position,
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "loss_ratio": losses[-1] / losses[0] if losses and losses[0] else None,
             "skipped_steps": sum(1 for r in rows if r.get("skipped")),
             "elapsed_s": rows[-1]["elapsed_s"] if rows else None,
-            "outputs": [METRICS, CHECKPOINT, SUMMARY, PLOT],
+            "final_eval_loss": evals[-1] if evals else None,
+            "critical_batch": critical[-1] if critical else None,
+            "noise_scale": next((r["noise_scale"] for r in reversed(rows) if r.get("noise_scale")), None),
+            "effective_batch_auto": self.adaptive is not None,
+            **extra,
+            "outputs": [METRICS, CHECKPOINT, SUMMARY, PLOT] + ([runlog.MODEL_DIR] if self.save_model else []),
         }
         if out is not None and self.rank == 0:
             for name, write in ((SUMMARY, lambda p: runlog.write_summary(p, summary)),
@@ -619,6 +776,11 @@ class Trainer:
                 except OSError as e:
                     raise self._write_failed(out / name, e, "writing it at the end of the run") from None
         return summary
+
+
+def _device_type(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return p.device.type if p is not None else "cpu"
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
