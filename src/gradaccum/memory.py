@@ -39,6 +39,12 @@ import torch.distributed as dist
 from torch import nn
 
 from gradaccum import sync
+from gradaccum._analytic import (  # noqa: F401 - re-exported: the analytic (config-only) estimate
+    AnalyticEstimate,
+    DecoderShape,
+    analytic_estimate,
+    decoder_shape,
+)
 from gradaccum._memprofile import (  # noqa: F401 - re-exported: the public measurement API
     DEFAULT_MARGIN,
     DEFAULT_MEASURE_SIZES,
@@ -326,6 +332,61 @@ def _profile_for(
     if len(sizes) < 2:
         sizes = [1, 2]
     return profile_memory(model, loss_fn, make_batch, optimizer_factory, grad_dtype, sizes)
+
+
+# --------------------------------------------------------------------------- analytic planning
+def analytic_plan(
+    model: nn.Module | DecoderShape,
+    effective_batch: int,
+    seq_len: int,
+    budget_bytes: int | str,
+    world_size: int = 1,
+    margin: float = DEFAULT_MARGIN,
+    **estimate_kwargs: Any,
+) -> Plan:
+    """The largest micro-batch whose *analytic* per-rank peak fits ``budget_bytes``.
+
+    For models too large to measure: ``model`` may live on the meta device (built from
+    config.json alone, ``workloads.hf.load_config_only``). ``estimate_kwargs`` go to
+    :func:`analytic_estimate` (``lora_r``, ``fsdp``, ``gradient_checkpointing``,
+    ``dtype`` ...); ``world_size`` is both the data-parallel size and, with ``fsdp=True``,
+    the number of shards. The plan has no ``profile``. Raises :class:`BudgetTooSmall`.
+    """
+    budget = parse_size(budget_bytes)
+    cands = candidate_micro_batches(effective_batch, world_size)
+    table = []
+    for m in cands:
+        est = analytic_estimate(model, m, seq_len, world_size=world_size, margin=margin, **estimate_kwargs)
+        table.append({"micro_batch": m, "predicted_peak_bytes": est.predicted_peak_bytes})
+    fitting = [r["micro_batch"] for r in table if r["predicted_peak_bytes"] <= budget]
+    if not fitting:
+        raise BudgetTooSmall(table[0]["predicted_peak_bytes"], budget, margin)
+    best = max(fitting)
+    peak = next(r["predicted_peak_bytes"] for r in table if r["micro_batch"] == best)
+    per_rank = effective_batch // world_size
+    return Plan(best, per_rank // best, effective_batch, world_size, peak, budget, table, margin)
+
+
+def fsdp_needs_sync_every_micro_batch(
+    model: nn.Module | DecoderShape,
+    micro_batch: int,
+    seq_len: int,
+    budget_bytes: int | str,
+    world_size: int,
+    **estimate_kwargs: Any,
+) -> bool:
+    """Under FSDP2: True when holding a window's unsharded gradients is predicted not to fit
+    ``budget_bytes`` but reduce-scattering every micro-batch would (pass the answer to
+    ``Accumulator(sync_every_micro_batch=...)`` and say so at start-up). False when the
+    deferred (one reduce-scatter per window) layout fits, or when neither fits (the
+    caller reports :class:`BudgetTooSmall` from :func:`analytic_plan`)."""
+    budget = parse_size(budget_bytes)
+    kw = dict(estimate_kwargs, fsdp=True, world_size=world_size)
+    deferred = analytic_estimate(model, micro_batch, seq_len, sync_every_micro_batch=False, **kw)
+    if deferred.predicted_peak_bytes <= budget:
+        return False
+    every = analytic_estimate(model, micro_batch, seq_len, sync_every_micro_batch=True, **kw)
+    return every.predicted_peak_bytes <= budget
 
 
 # --------------------------------------------------------------------------- distributed
