@@ -197,7 +197,7 @@ def test_resume_prints_where_it_stands(tmp_path, capsys):
     assert main(["train", "--steps", "4", *TINY[2:], "--checkpoint-every", "2", "--out", str(out)]) == 0
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["run"] == {"--steps": 4, "--lr": 3e-3, "--effective-batch": 16, "--seed": 0,
-                         "--model": "demo", "--data": "demo"}
+                         "--model": "demo", "--data": "demo", "--precision": "fp32", "--max-length": 24}
     assert len(ck["metrics"]["columns"]["step"]) == 4
     capsys.readouterr()
     assert main(["train", "--steps", "4", *TINY[2:], "--out", str(out), "--resume"]) == 0

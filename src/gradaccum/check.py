@@ -142,6 +142,45 @@ def check(model: nn.Module, loss_fn: LossFn, batch: Any, micro_batch_size: int =
     return report
 
 
+def load_target(target: str) -> tuple[nn.Module, LossFn, Any]:
+    """``FILE.py:FUNCTION`` or ``module:function``, called with no arguments, must return
+    ``(model, loss_fn, batch)``. Anything wrong: ValueError with one line."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"check {target}: expected FILE.py:FUNCTION or module:function")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ValueError(f"check {target}: {where} is not a file")
+            spec = importlib.util.spec_from_file_location(f"_gradaccum_check_{path.stem}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise ValueError(f"check {target}: {where} has no function {name!r}")
+        out = fn()
+    except ValueError:
+        raise
+    except BaseException as e:  # the user's code: report it in one line, whatever it raised
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        text = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        raise ValueError(f"check {target}: {why}") from None
+    shaped = isinstance(out, (tuple, list)) and len(out) == 3
+    if not (shaped and isinstance(out[0], nn.Module) and callable(out[1])):
+        raise ValueError(f"check {target}: {name}() must return (model, loss_fn, batch)")
+    return out[0], out[1], out[2]
+
+
 # ----------------------------------------------------------------------------- the checks
 def _call(model: nn.Module, loss_fn: LossFn, mb: Any) -> tuple[torch.Tensor, float]:
     out = loss_fn(model, mb)

@@ -1,4 +1,6 @@
-"""Command-line front end: ``gradaccum train | plan | bench`` (``python -m gradaccum`` too).
+"""Command-line front end: ``gradaccum train | plan | bench | compare | check | generate``
+(``python -m gradaccum`` too): argparse and dispatch; what a command trains is built in
+:mod:`gradaccum.workloads`, the commands that are more than a flag live in their own modules.
 
 Exit codes: 0 done, 2 bad input (one line naming the flag or file; nothing in --out
 touched), 1 anything else (one line when a write fails, e.g. a full disk), 130 / 143
@@ -8,12 +10,10 @@ stopped by SIGINT / SIGTERM after saving a checkpoint (resume with --resume).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +28,8 @@ MAX_EFFECTIVE_BATCH = 2**20  # examples per optimizer step: far beyond any real 
 MAX_STEPS = 10**9
 MAX_SEED = 2**32 - 1
 MAX_REPEATS = 1000
+DEFAULT_MAX_AUTO_BATCH = 1024  # --effective-batch auto grows up to this many examples
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class BadInput(Exception):
@@ -81,6 +83,9 @@ def _micro(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else _batch_int(text)
 
 
+_effective = _micro  # N or "auto"
+
+
 def _lr(text: str) -> float:
     try:
         v = float(text)
@@ -106,10 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gradaccum", description="Exact gradient accumulation for PyTorch.",
                 formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"gradaccum {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,plan,bench}", parser_class=_Parser)
-    t = sub.add_parser("train", help="train the built-in demo (or --data FILE) with accumulation",
-                       formatter_class=_HelpFormatter)
-    _add_common(t)
+    sub = p.add_subparsers(dest="command", metavar="{train,plan,bench,compare,check,generate}",
+                           parser_class=_Parser)
+    t = sub.add_parser("train", formatter_class=_HelpFormatter,
+                       help="train the built-in demo, or --model DIR on --data FILE, with accumulation")
+    _add_common(t, auto=True)
+    t.add_argument("--max-effective-batch", type=_batch_int, default=DEFAULT_MAX_AUTO_BATCH, metavar="N",
+                   help="with --effective-batch auto: the largest effective batch it may grow to")
+    t.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="held-out data in --data's formats: its exact item-mean loss is logged as eval_loss "
+                        "(the demo evaluates on held-out generated puzzles)")
+    t.add_argument("--eval-every", type=_non_negative_int, default=None, metavar="N",
+                   help="evaluate every N steps and at the end (default: ten times per run; "
+                        "0: only at the end)")
+    t.add_argument("--no-noise-scale", action="store_true",
+                   help="do not measure the gradient noise scale / critical batch")
     t.add_argument("--micro-batch", type=_micro, default=None, metavar="N|auto",
                    help="examples per forward/backward (default: the largest divisor of the per-rank "
                         f"batch up to {DEFAULT_MICRO_CAP}; auto: plan it from --memory-budget)")
@@ -138,59 +154,113 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for bench.png and bench.json")
     b.add_argument("--repeats", type=_int_at_least(1, MAX_REPEATS), default=3, metavar="N",
                    help="timed windows per micro-batch")
+    c = sub.add_parser("compare", formatter_class=_HelpFormatter,
+                       help="full batch vs accumulated vs mean-of-means vs small batch, in one picture")
+    _add_workload(c)
+    c.add_argument("--effective-batch", type=_batch_int, default=64, metavar="N",
+                   help="examples per optimizer step")
+    c.add_argument("--micro-batch", type=_batch_int, default=8, metavar="N",
+                   help="examples per micro-batch (and the batch of 'small')")
+    c.add_argument("--steps", type=_int_at_least(1, 100_000), default=40, metavar="N",
+                   help="optimizer steps of the effective batch")
+    c.add_argument("--lr", type=_lr, default=DEFAULT_LR, metavar="F", help="learning rate (AdamW, constant)")
+    c.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, metavar="N",
+                   help="seeds data order and initialisation")
+    c.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="memory 'full' may use (default: as for plan)")
+    c.add_argument("--out", default="runs/compare", metavar="DIR",
+                   help="directory for compare.json and compare.png")
+    c.add_argument("--json", action="store_true", help="print compare.json's content instead of the table")
+    k = sub.add_parser("check", help="is a model + loss function accumulation-safe? (exit 1 if not)",
+                       formatter_class=_HelpFormatter)
+    k.add_argument("target", nargs="?", default=None, metavar="TARGET",
+                   help="FILE.py:FUNCTION or module:function returning (model, loss_fn, batch); "
+                        "without it, the --model/--data workload is checked")
+    _add_workload(k)
+    k.add_argument("--micro-batch", type=_batch_int, default=2, metavar="N",
+                   help="micro-batch size to compare against the full batch")
+    k.add_argument("--batch", type=_batch_int, default=8, metavar="N",
+                   help="without TARGET: examples of --data in the checked batch")
+    g = sub.add_parser("generate", help="greedy completion from a model directory (e.g. OUT/model)",
+                       formatter_class=_HelpFormatter)
+    g.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_int_at_least(1, 100_000), default=64, metavar="N",
+                   help="tokens to generate at most")
     return p
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--effective-batch", type=_batch_int, default=128, metavar="N",
-                   help="examples per optimizer step over all ranks")
+def _add_common(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    p.add_argument("--effective-batch", type=_effective if auto else _batch_int, default=128,
+                   metavar="N|auto" if auto else "N",
+                   help="examples per optimizer step over all ranks"
+                        + ("; auto: start at two micro-batches and grow with the measured critical batch"
+                           if auto else ""))
     p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="bytes available, e.g. 2GiB, 500MB (default: the free memory of the CUDA device; "
                         "on CPU, half of the available RAM)")
+    _add_workload(p)
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", metavar="demo|DIR",
+                   help="'demo' (the built-in GPT-2) or a Hugging Face causal-LM directory (config, weights, "
+                        "tokenizer: what save_pretrained writes)")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="UTF-8 text file, one example per non-empty line, character level "
-                        "(default: the built-in generated task)")
+                   help=".txt (one example per non-empty line) or .jsonl/.json with text, prompt+completion "
+                        "or messages (default: the built-in generated task; required with --model DIR)")
+    p.add_argument("--max-length", type=_int_at_least(3, 10**7), default=None, metavar="N",
+                   help="cut examples to N tokens (default: the model's context; demo: 128)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on a CUDA device that supports it, else fp32; bf16: bf16 "
+                        "weights with fp32 gradient accumulation; fp16: fp16 autocast with loss scaling "
+                        "(CUDA only)")
 
 
-@dataclass
-class Workload:
-    """Model, data and loss for a command: the demo task, or --data FILE."""
+class Precision:
+    """What ``--precision`` means on this machine: the weights' dtype and autocast's."""
 
-    model: Any
-    dataset: list[Any]
-    loss_fn: Any
-    collate_fn: Any
-    extra_state: dict[str, Any]
-    fingerprint: str = "demo"
-    """What the data is, for resume: "demo" or "sha256:<hex>" of the --data file."""
+    def __init__(self, name: str, device: Any) -> None:
+        import torch
 
-
-def load_workload(data: str | None, seed: int) -> Workload:
-    from gradaccum import demo
-
-    if data is None:
-        examples, tok, max_len = demo.make_examples(TASK_SIZE, seed), demo.TASK_TOKENIZER, demo.TASK_MAX_LEN
-        extra = {"task": "demo", "vocab": "".join(tok.alphabet)}
-    else:
-        try:
-            examples, tok = demo.load_text_examples(data)
-        except demo.TextFileError as e:
-            raise BadInput(str(e)) from None
-        max_len = max(len(ids) for ids, _ in examples)
-        extra = {"task": "text", "vocab": "".join(tok.alphabet)}
-    fingerprint = "demo" if data is None else _fingerprint(data)
-    model = demo.build_model(tok.vocab_size, max_len, seed=seed)
-    extra["max_len"] = max_len
-    return Workload(model, examples, demo.loss_fn, demo.collate, extra, fingerprint)
+        on_cuda = device.type == "cuda"
+        if name == "fp16" and not on_cuda:
+            raise BadInput("--precision fp16: needs a CUDA device (fp16 autocast with loss scaling); "
+                           "use fp32 or bf16 on CPU")
+        if name == "auto":
+            name = "bf16-autocast" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+        self.name = name
+        self.weights = "bf16" if name == "bf16" else "fp32"
+        """bf16: the weights themselves (half the memory); gradients accumulate in fp32 buffers."""
+        self.autocast = {"bf16-autocast": torch.bfloat16, "fp16": torch.float16}.get(name)
 
 
-def _fingerprint(data: str) -> str:
-    from gradaccum.demo.task import TextFileError, read_data_file
+def load_workload(args: argparse.Namespace, seed: int | None = None, with_eval: bool = True) -> Any:
+    """The --model/--data/--eval-data/--max-length workload; bad input -> BadInput (one line)."""
+    from gradaccum.workloads import WorkloadError, build_workload
 
+    precision = Precision(getattr(args, "precision", "fp32"), _device())
     try:
-        return "sha256:" + hashlib.sha256(read_data_file(data)).hexdigest()
-    except TextFileError as e:
+        work = build_workload(
+            args.model, args.data, getattr(args, "eval_data", None) if with_eval else None,
+            args.max_length, args.seed if seed is None else seed,
+            dtype=precision.weights, progress=sys.stderr.isatty() and sync.rank() == 0,
+        )
+    except WorkloadError as e:
         raise BadInput(str(e)) from None
+    if work.kind == "demo" and precision.weights == "bf16":
+        import torch
+
+        work.model.to(torch.bfloat16)
+        work.grad_dtype = torch.float32
+    work.precision = precision
+    if sync.rank() == 0:
+        for what, n, total in (("--data", work.truncated, len(work.dataset)),
+                               ("--eval-data", work.eval_truncated, len(work.eval_dataset or ()))):
+            if n:
+                print(f"gradaccum: {what}: {n} of {total} examples cut to --max-length "
+                      f"{work.info.get('max_length')} tokens", file=sys.stderr, flush=True)
+    return work
 
 
 def default_micro_batch(per_rank: int, cap: int = DEFAULT_MICRO_CAP) -> int:
@@ -200,6 +270,7 @@ def default_micro_batch(per_rank: int, cap: int = DEFAULT_MICRO_CAP) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gradaccum.adaptive import AdaptiveBatch
     from gradaccum.checkpoint import CheckpointError
     from gradaccum.runlog import OutDirError, OutputWriteError
     from gradaccum.trainer import Stopped, Trainer
@@ -209,8 +280,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise BadInput("--resume and --overwrite contradict each other: give one")
     world = sync.world_size()
-    if args.effective_batch % world:
-        raise BadInput(f"--effective-batch {args.effective_batch} is not divisible by the world size {world}")
+    auto = args.effective_batch == "auto"
+    if auto:
+        if args.micro_batch == "auto" or args.memory_budget is not None:
+            raise BadInput("--effective-batch auto: give a fixed --micro-batch N (or none), "
+                           "not a memory plan")
+        micro = args.micro_batch if isinstance(args.micro_batch, int) else DEFAULT_AUTO_MICRO
+        try:
+            adaptive = AdaptiveBatch(micro_batch=micro, world_size=world,
+                                     max_effective_batch=args.max_effective_batch)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        args.effective_batch = adaptive.effective_batch
+    else:
+        adaptive = None
+        if args.effective_batch % world:
+            raise BadInput(f"--effective-batch {args.effective_batch} is not divisible by the world size "
+                           f"{world}")
     per_rank = args.effective_batch // world
     if isinstance(args.micro_batch, int):
         try:
@@ -220,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise BadInput(str(e)) from None
     out = _checked_out(args.out, args.resume, args.overwrite)
-    work = load_workload(args.data, args.seed)
+    work = load_workload(args)
     work.model.to(_device())
     micro = args.micro_batch
     if micro is None and args.memory_budget is not None:
@@ -229,6 +315,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         micro = _auto_micro_batch(args, work)
     elif micro is None:
         micro = default_micro_batch(per_rank)
+    if adaptive is not None:
+        adaptive.lr_rule = "sqrt"  # the CLI trains with AdamW
+    run_config = {
+        "--model": "demo" if work.kind == "demo" else work.extra_state.get("model"),
+        "--data": work.fingerprint,
+        "--precision": work.precision.name,
+        "--max-length": work.info.get("max_length"),
+    }
+    if adaptive is not None:
+        run_config["--max-effective-batch"] = args.max_effective_batch
     try:
         trainer = Trainer(
             model=work.model,
@@ -246,8 +342,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             extra_state=work.extra_state,
-            run_config={"--model": "demo", "--data": work.fingerprint},
+            run_config=run_config,
             items_name="tokens",
+            grad_dtype=work.grad_dtype,
+            autocast_dtype=work.precision.autocast,
+            eval_dataset=work.eval_dataset,
+            eval_every=args.eval_every,
+            measure_noise=not args.no_noise_scale,
+            adaptive=adaptive,
+            save_model=_model_saver(work),
+            final_metrics=_final_metrics(work),
         )
     except ValueError as e:
         raise BadInput(str(e)) from None
@@ -269,7 +373,66 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"in {summary['elapsed_s']:.1f}s; outputs in {out}",
             flush=True,
         )
+        for line in _closing_lines(summary):
+            print(f"gradaccum: {line}", flush=True)
     return 0
+
+
+DEFAULT_AUTO_MICRO = 8  # --effective-batch auto without --micro-batch: start at 8 x 2 x world
+
+
+def _model_saver(work: Any) -> Any:
+    """OUT/model in save_pretrained form (weights as safetensors, and the tokenizer when it has one)."""
+    from gradaccum.checkpoint import atomic_write_dir
+
+    def save(model: Any, target: Path) -> None:
+        def write(tmp: Path) -> None:
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # one bar per shard at every checkpoint is noise
+            try:
+                model.save_pretrained(str(tmp))
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+            if hasattr(work.tokenizer, "save_pretrained"):
+                work.tokenizer.save_pretrained(str(tmp))
+
+        atomic_write_dir(target, write)
+
+    return save if hasattr(work.model, "save_pretrained") else None
+
+
+def _final_metrics(work: Any) -> Any:
+    if work.accuracy_fn is None:
+        return None
+    return lambda model: {"accuracy": work.accuracy_fn(model)}
+
+
+def _closing_lines(summary: dict[str, Any]) -> list[str]:
+    """What the run measured that the user should see: held-out loss and accuracy, and
+    whether the effective batch was far from the measured critical batch."""
+    lines = []
+    if summary.get("final_eval_loss") is not None:
+        lines.append(f"held-out loss {summary['final_eval_loss']:.4f}")
+    if summary.get("accuracy"):
+        acc = ", ".join(f"{kind} {v:.1%}" for kind, v in summary["accuracy"].items())
+        lines.append(f"exact-match accuracy on held-out puzzles: {acc}")
+    critical, batch = summary.get("critical_batch"), summary.get("effective_batch")
+    if critical is not None and batch:
+        ratio = batch / critical
+        if ratio > 2:
+            verdict = ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss "
+                       "with fewer examples, at the price of more optimizer steps")
+        elif ratio < 0.5:
+            verdict = ("well below it: a larger batch (more accumulation steps) would need fewer optimizer "
+                       "steps for the same examples; try --effective-batch auto")
+        else:
+            verdict = "close to it: a good trade between examples and optimizer steps"
+        lines.append(f"the measured critical batch is about {critical:.0f} examples; your effective batch "
+                     f"{batch} is {verdict}")
+    return lines
 
 
 class RunFailed(Exception):
@@ -326,25 +489,26 @@ def _device() -> Any:
     return torch.device("cpu")
 
 
-def _make_batch(work: Workload) -> Any:
+def _make_batch(work: Any) -> Any:
     """Worst-case micro-batches for the planner: n copies of the longest example."""
     longest = max(work.dataset, key=lambda ex: len(ex[0]))
     return lambda n: work.collate_fn([longest] * n)
 
 
-def _plan(args: argparse.Namespace, work: Workload) -> Any:
+def _plan(args: argparse.Namespace, work: Any) -> Any:
     """The memory plan for this workload (collective under torch.distributed)."""
     from gradaccum import memory
 
     try:
         return memory.plan(
-            work.model, work.loss_fn, _make_batch(work), args.effective_batch, budget_bytes=args.memory_budget
+            work.model, work.loss_fn, _make_batch(work), args.effective_batch,
+            budget_bytes=args.memory_budget, grad_dtype=work.grad_dtype,
         )
     except memory.BudgetTooSmall as e:
         raise BadInput(f"--memory-budget {memory.format_bytes(e.budget_bytes)}: {e}") from None
 
 
-def _auto_micro_batch(args: argparse.Namespace, work: Workload) -> int:
+def _auto_micro_batch(args: argparse.Namespace, work: Any) -> int:
     from gradaccum import memory
 
     p = _plan(args, work)
@@ -362,7 +526,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from gradaccum import memory
 
-    work = load_workload(args.data, seed=0)
+    work = load_workload(args, seed=0, with_eval=False)
     work.model.to(_device())
     p = _plan(args, work)
     if sync.rank() != 0:
@@ -401,7 +565,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise runlog.OutDirError(f"--out {out}: {out / name} is not a regular file")
         except runlog.OutDirError as e:
             raise BadInput(str(e)) from None
-    work = load_workload(args.data, seed=0)
+    work = load_workload(args, seed=0, with_eval=False)
     work.model.to(_device())
     p = _plan(args, work)
     fits = [r["micro_batch"] for r in p.table if r["predicted_peak_bytes"] <= p.budget_bytes]
@@ -453,6 +617,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from gradaccum import compare, runlog
+
+    if sync.world_size() > 1:
+        raise BadInput("compare runs in one process: start it without torchrun")
+    if args.effective_batch % args.micro_batch:
+        raise BadInput(f"--effective-batch {args.effective_batch} is not divisible by --micro-batch "
+                       f"{args.micro_batch}")
+    try:
+        out = runlog.check_out_path(args.out)
+        runlog.check_writable(out)
+        for name in (compare.COMPARE_JSON, compare.COMPARE_PNG):
+            if (out / name).exists() and not (out / name).is_file():
+                raise runlog.OutDirError(f"--out {out}: {out / name} is not a regular file")
+    except runlog.OutDirError as e:
+        raise BadInput(str(e)) from None
+    work = load_workload(args, with_eval=False)
+    work.model.to(_device())
+    fits, note = compare.full_batch_fits(work.model, work.dataset, work.loss_fn, work.collate_fn,
+                                         args.effective_batch, args.memory_budget)
+    print(f"gradaccum compare: full batch of {args.effective_batch}: {note}", flush=True)
+    result = compare.run(
+        work.model, work.dataset, work.loss_fn, work.collate_fn, args.effective_batch, args.micro_batch,
+        args.steps, args.lr, args.seed, full_fits=fits, full_note=note,
+        progress=lambda name: print(f"gradaccum compare: training '{name}' ...", file=sys.stderr, flush=True),
+    )
+    try:
+        compare.write(result, out)
+    except OSError as e:
+        raise RunFailed(str(runlog.write_error(out, e, "writing compare.json / compare.png"))) from None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(compare.table(result))
+        print(f"gradaccum compare: {out / compare.COMPARE_PNG}, {out / compare.COMPARE_JSON}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gradaccum.check import check, load_target
+
+    if args.target is not None:
+        try:
+            model, loss_fn, batch = load_target(args.target)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+    else:
+        work = load_workload(args, seed=0, with_eval=False)
+        if len(work.dataset) < 2:
+            raise BadInput("check: the data has fewer than two examples")
+        examples = [work.dataset[i] for i in range(min(args.batch, len(work.dataset)))]
+        model, loss_fn, batch = work.model, work.loss_fn, work.collate_fn(examples)
+    try:
+        report = check(model, loss_fn, batch, micro_batch_size=args.micro_batch)
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"check: {e}") from None
+    print(report, flush=True)
+    return 0 if report.ok else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gradaccum.generate import generate
+    from gradaccum.workloads import WorkloadError
+
+    try:
+        text = generate(args.model, args.prompt, args.max_new_tokens)
+    except WorkloadError as e:
+        raise BadInput(str(e)) from None
+    print(text, flush=True)
+    return 0
+
+
 def _plot_bench(rows: list[dict[str, float]], fastest: int, planned: int, path: Path) -> None:
     import matplotlib
 
@@ -486,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": cmd_train, "plan": cmd_plan, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "plan": cmd_plan, "bench": cmd_bench, "compare": cmd_compare,
+                "check": cmd_check, "generate": cmd_generate}
     from gradaccum import distributed
 
     if "OMP_NUM_THREADS" not in os.environ:

@@ -354,6 +354,8 @@ class Trainer:
                     if self.adaptive is not None:
                         self._adapt(acc, opt, sched, row.get("critical_batch"))
                     self.history.append(row)
+                    # Written in the history's key order, so a rebuild from the checkpoint is identical.
+                    row = self.history.row(len(self.history) - 1)
                     if log is not None:
                         try:
                             log.write(row)
