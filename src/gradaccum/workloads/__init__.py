@@ -139,9 +139,9 @@ def build_workload(
             info={"examples": len(parts.examples), "max_length": parts.extra_state["max_len"]},
         )
 
+    config = hf.load_config(model)  # first: a wrong --model is the more basic mistake
     if data is None:
         raise WorkloadError(f"--data: required with --model {model} (a .txt, .jsonl or .json file)")
-    config = hf.load_config(model)
     tokenizer = hf.load_tokenizer(model)
     context = hf.max_positions(config)
     if max_length is not None and context is not None and max_length > context:
