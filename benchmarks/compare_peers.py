@@ -17,8 +17,15 @@ handed to ``optimizer.step()`` against a float64 full-batch reference (complete
 windows, and a partial last window), and how much the logged loss moves when k
 changes at a fixed effective batch.
 
+A second part (``--sections hf-trainer``, in benchmarks/hf_trainer_peer.py) puts
+gradaccum's ``Trainer``, as ``gradaccum train --model DIR`` uses it, next to the Hugging
+Face ``transformers.Trainer`` with ``gradient_accumulation_steps`` on a tiny Llama with
+variable-length prompt/completion data: applied-gradient error against float64,
+logged-loss error, and tokens/s (one torch thread, A/A control).
+
     python benchmarks/compare_peers.py            # full run, writes docs/benchmarks.{md,json,png}
     python benchmarks/compare_peers.py --quick    # a fast, rougher run; prints, writes nothing
+    python benchmarks/compare_peers.py --sections hf-trainer   # only the transformers.Trainer part
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import hf_trainer_peer  # noqa: E402
 from common import Batch, Workload  # noqa: E402
 
 import gradaccum as ga  # noqa: E402
 
 PEERS = ("hand", "gradaccum", "accelerate", "lightning")
+SECTIONS = ("peers", "hf-trainer")
 AA = "hand (A/A control)"
 DOCS = common.DOCS
 # Micro-batch size per workload (k is shared). demo: 16 x 8 = 128, the demo's default effective batch.
@@ -734,34 +743,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--render", action="store_true", help="only redraw the table and plot from <out>/benchmarks.json"
     )
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated: peers (Accelerate, Lightning on demo/mlp/gpt2), hf-trainer "
+        "(transformers.Trainer on a tiny Llama); default both",
+    )
+    p.add_argument(
+        "--hf-threads", type=int, default=1, help="torch threads for the hf-trainer part (default 1)"
+    )
     a = p.parse_args(argv)
+    sections = [x for x in a.sections.split(",") if x]
+    if not sections or any(x not in SECTIONS for x in sections):
+        p.error(f"--sections: choose from {', '.join(SECTIONS)}")
     if a.render:
-        res = json.loads((a.out / "benchmarks.json").read_text())["compare_peers"]
-        write_docs(res, a.out)
+        stored = json.loads((a.out / "benchmarks.json").read_text())
+        if "peers" in sections and "compare_peers" in stored:
+            write_docs(stored["compare_peers"], a.out)
+        if "hf-trainer" in sections and "hf_trainer" in stored:
+            hf_trainer_peer.write_docs(stored["hf_trainer"], a.out)
         return 0
     names = [w for w in a.workloads.split(",") if w]
     bad = [w for w in names if w not in common.WORKLOADS]
     if bad:
         p.error(f"--workloads: unknown {bad}; choose from {sorted(common.WORKLOADS)}")
     t0 = time.perf_counter()
-    with _stdout_to_stderr():
-        res = run_all(
-            {w: (common.WORKLOADS[w](), MICRO[w]) for w in names},
-            QUICK if a.quick else FULL,
-            k=a.k,
-            measure_memory=not a.no_memory,
-            progress=lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True),
-        )
-    res["wall_seconds"] = time.perf_counter() - t0
-    table = markdown(res)
+    write = not (a.no_write or a.quick)  # a rough run must not replace the published numbers
+    out: dict[str, Any] = {}
+    if "peers" in sections:
+        with _stdout_to_stderr():
+            res = run_all(
+                {w: (common.WORKLOADS[w](), MICRO[w]) for w in names},
+                QUICK if a.quick else FULL,
+                k=a.k,
+                measure_memory=not a.no_memory,
+                progress=lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True),
+            )
+        res["wall_seconds"] = time.perf_counter() - t0
+        out["compare_peers"] = res
+        if not a.json:
+            print(markdown(res))
+        if write:
+            a.out.mkdir(parents=True, exist_ok=True)
+            common.merge_json(a.out / "benchmarks.json", "compare_peers", res)
+            write_docs(res, a.out)
+    if "hf-trainer" in sections:
+        with _stdout_to_stderr():
+            hf = hf_trainer_peer.measure(
+                a.quick,
+                a.hf_threads,
+                progress=lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] hf-trainer: {s}", flush=True),
+            )
+        out["hf_trainer"] = hf
+        if not a.json:
+            print("\n" + hf_trainer_peer.markdown(hf))
+        if write:
+            hf_trainer_peer.write_docs(hf, a.out)
     if a.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(table)
-    if not (a.no_write or a.quick):  # a rough run must not replace the published numbers
-        a.out.mkdir(parents=True, exist_ok=True)
-        common.merge_json(a.out / "benchmarks.json", "compare_peers", res)
-        write_docs(res, a.out)
+        print(json.dumps(out if len(out) > 1 else next(iter(out.values())), indent=1))
     return 0
 
 

@@ -155,3 +155,29 @@ def test_run_all_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "b.json").read_text())["compare_peers"]["setting"]["k"] == 2
     compare_peers.plot(res, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_hf_trainer_peer_runs_and_both_are_exact(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    import hf_trainer_peer as hp
+
+    size = hp.Size(words=20, hidden=16, layers=1, heads=2, min_tokens=4, max_tokens=12, examples=24)
+    setup = hp.make_setup(tmp_path / "setup", size)
+    cfg = hp.Config(micro=2, k=2, steps=3)
+    res = hp.run(setup, cfg, runs=1, warmup=1, check_steps=2)
+    for name in (hp.GA, hp.HF):
+        e64, e32 = res["float64"][name], res["float32"][name]
+        assert e64["steps_taken"] == e64["steps_logged"] == 2
+        assert e32["grad_rel_err_max"] < 1e-5 and e32["logged_loss_rel_err_max"] < 1e-5
+        assert e64["logged_loss_rel_err_max"] < 1e-6
+    # float64 from end to end in gradaccum; transformers' loss upcasts the logits to float32.
+    assert res["float64"][hp.GA]["grad_rel_err_max"] < 1e-12
+    assert res["float64"][hp.HF]["grad_rel_err_max"] < 1e-5
+    t = res["throughput"]
+    assert t["steps_measured"] == 2 and t["tokens_measured"] > 0
+    assert t[hp.GA]["speed_ratio"]["n"] == 2 and t[hp.GA]["tokens_per_s"] > 0
+    table = hp.markdown(res)
+    assert "| gradaccum |" in table and "| transformers |" in table
+    hp.write_docs(res, tmp_path)
+    assert json.loads((tmp_path / "benchmarks.json").read_text())["hf_trainer"]["setting"]["k"] == 2
+    assert "<!-- hf_trainer:begin -->" in (tmp_path / "benchmarks.md").read_text()
