@@ -527,6 +527,8 @@ class Accumulator:
         if not self._micro_sq:
             return [torch.zeros((), dtype=torch.float64, device=dev)] * 3
         sq = torch.stack([x.to(dev) for x in self._micro_sq])
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            sq = sq / float(self.grad_scaler.get_scale()) ** 2  # fp16: the hooks saw scaled gradients
         items = torch.stack([
             n.to(dev, torch.float64) if isinstance(n, torch.Tensor)
             else torch.tensor(float(n), dtype=torch.float64, device=dev)

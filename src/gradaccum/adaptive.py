@@ -9,11 +9,12 @@ the loss falls, so a fixed batch is too large early or too small late.
 The rule, once per optimizer step:
 
 - start with two micro-batches per window (the smallest window the estimator can read);
-- while the measured critical batch (examples) is at least twice the current effective
-  batch, double ``accum_steps``: powers of two, never shrinking, never above
-  ``max_effective_batch``. The micro-batch (and so memory) never changes;
-- wait for ``min_windows`` measured windows before the first decision: the first
-  estimates are the noisiest;
+- when the measured critical batch (examples) is at least twice the current effective
+  batch, double ``accum_steps``: powers of two, one doubling at a time, never shrinking,
+  never above ``max_effective_batch``. The micro-batch (and so memory) never changes;
+- wait for ``min_windows`` measured windows before the first decision and again after
+  every change: single estimates are noisy (measured on the demo: one window's estimate
+  jumped to 60x the settled value), and each doubling must be confirmed at the new batch;
 - scale the learning rate with the batch: by the square root of the batch ratio for
   Adam-family optimizers (Malladi et al. 2022, "On the SDEs and Scaling Rules for
   Adaptive Gradient Algorithms"; Granziol et al. 2022), linearly for SGD (Goyal et al.
@@ -57,6 +58,8 @@ class AdaptiveBatch:
     """``sqrt`` (Adam-family) or ``linear`` (SGD): how the learning rate follows the batch."""
     accum_steps: int = field(init=False)
     """Current micro-batches per window."""
+    last_change: int = field(init=False, default=0)
+    """Measured windows at the last change (the next decision waits ``min_windows`` more)."""
 
     def __post_init__(self) -> None:
         if self.lr_rule not in LR_RULES:
@@ -83,13 +86,16 @@ class AdaptiveBatch:
 
     def update(self, critical_batch: float | None, measured_windows: int) -> bool:
         """After a step: grow ``accum_steps`` if the critical batch says so; True if it changed."""
-        if critical_batch is None or not math.isfinite(critical_batch) or measured_windows < self.min_windows:
+        if critical_batch is None or not math.isfinite(critical_batch):
             return False
-        old = self.accum_steps
-        while (critical_batch >= 2 * self.effective_batch
-               and 2 * self.effective_batch <= self.max_effective_batch):
+        if measured_windows - self.last_change < self.min_windows:
+            return False
+        doubled = 2 * self.effective_batch
+        if critical_batch >= doubled and doubled <= self.max_effective_batch:
             self.accum_steps *= 2
-        return self.accum_steps != old
+            self.last_change = measured_windows
+            return True
+        return False
 
     def lr_factor(self) -> float:
         """Learning rate multiplier against the starting batch."""
@@ -98,7 +104,8 @@ class AdaptiveBatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {"accum_steps": self.accum_steps, "start_accum": self.start_accum,
-                "max_effective_batch": self.max_effective_batch, "lr_rule": self.lr_rule}
+                "max_effective_batch": self.max_effective_batch, "lr_rule": self.lr_rule,
+                "last_change": self.last_change}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("start_accum", "max_effective_batch", "lr_rule"):
@@ -107,3 +114,4 @@ class AdaptiveBatch:
                     f"adaptive batch state has {key}={state.get(key)!r}, this run {getattr(self, key)!r}"
                 )
         self.accum_steps = int(state["accum_steps"])
+        self.last_change = int(state.get("last_change", 0))
