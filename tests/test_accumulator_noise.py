@@ -108,3 +108,18 @@ def test_skipped_and_single_micro_batch_windows_are_not_measured(gen: torch.Gene
     assert nan.skipped and nan.noise_scale is None and acc.noise.windows == 0
     assert acc.step(micro, lm_loss_fn).noise_scale is None  # one measured window so far
     assert acc.noise.windows == 1 and acc.noise.trace is not None and acc.noise.trace > 0
+
+
+def test_grad_scaler_does_not_change_the_estimate() -> None:
+    model, x, y, _ = least_squares()
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        m = nn.Linear(DIM, 1, bias=False).double()
+        m.load_state_dict(model.state_dict())
+        acc = Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.0), grad_scaler=scaler, measure_noise=True)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(20):
+            res = acc.step([(x[i], y[i]) for i in (torch.randint(0, N_EXAMPLES, (4,), generator=g)
+                                                   for _ in range(3))], squared_error)
+        results.append(res.noise_scale)
+    assert results[0] is not None and results[1] == pytest.approx(results[0], rel=1e-9)
