@@ -116,8 +116,8 @@ def test_plot_panels_show_lr_and_grad_norm_and_grow_with_new_metrics(tmp_path):
     rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-3 * s, "grad_norm": 1.0 / s, "effective_batch": 8}
             for s in range(1, 6)]
     runlog.plot_losses(rows, tmp_path / "two.png")
-    runlog.plot_losses([dict(r, noise_scale=10.0 * r["step"]) for r in rows], tmp_path / "three.png")
+    runlog.plot_losses([dict(r, critical_batch=10.0 * r["step"]) for r in rows], tmp_path / "three.png")
     runlog.plot_losses([], tmp_path / "empty.png")
     two = matplotlib.image.imread(tmp_path / "two.png")
     three = matplotlib.image.imread(tmp_path / "three.png")
-    assert two.shape[1] == 1000 and three.shape[1] == 1500  # a third panel for the noise scale
+    assert two.shape[1] == 1000 and three.shape[1] == 1500  # a third panel: critical vs effective batch

@@ -432,6 +432,7 @@ class Panel:
     series: tuple[Series, ...]
     right_ylabel: str = ""
     always: bool = False  # drawn even when none of its series has data
+    needs: str = ""  # drawn only when some row has this key
 
 
 PANELS: tuple[Panel, ...] = (
@@ -441,7 +442,9 @@ PANELS: tuple[Panel, ...] = (
                                          Series("grad_norm", "gradient norm (before clipping)", axis="right",
                                                 log=True)),
           right_ylabel="gradient norm", always=True),
-    Panel("gradient noise scale", "items", (Series("noise_scale", "noise scale B_simple", log=True),)),
+    Panel("critical batch (gradient noise scale)", "examples",
+          (Series("critical_batch", "measured critical batch", log=True),
+           Series("effective_batch", "effective batch in use", style="--")), needs="critical_batch"),
 )
 """loss.png's panels, left to right. A series is drawn when some row has its key, so
 new metrics (eval loss, noise scale) only need an entry here."""
@@ -467,7 +470,9 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: Path, panels: Sequence[Pan
     from gradaccum.checkpoint import atomic_write_bytes
 
     rows = [r for r in rows if not r.get("skipped") and isinstance(r.get("step"), int)]
-    shown = [p for p in panels if p.always or any(_points(rows, s.key)[0] for s in p.series)]
+    shown = [p for p in panels
+             if p.always or (_points(rows, p.needs)[0] if p.needs else any(_points(rows, s.key)[0]
+                                                                          for s in p.series))]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), constrained_layout=True,
                              squeeze=False)
     for ax, panel in zip(axes[0], shown, strict=True):
@@ -494,7 +499,9 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: Path, panels: Sequence[Pan
         ax.grid(alpha=0.3)
         if len(handles) > 1:
             ax.legend(handles=handles, loc="best", fontsize="small")
-    eb = rows[0].get("effective_batch", "?") if rows else "?"
+    batches = [r["effective_batch"] for r in rows if isinstance(r.get("effective_batch"), int)]
+    eb = "?" if not batches else (str(batches[0]) if min(batches) == max(batches)
+                                  else f"{batches[0]} -> {batches[-1]}, auto")
     fig.suptitle(f"gradaccum (effective batch {eb})")
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
