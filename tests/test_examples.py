@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,3 +19,14 @@ def test_plain_loop_example_runs() -> None:
                        text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "OK: accumulation-safe" in p.stdout and "train accuracy" in p.stdout
+
+
+@pytest.mark.slow
+def test_finetune_example_runs(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune_llama.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_eval_loss"] < 1.0  # it learned the colours
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
