@@ -80,28 +80,37 @@ MAX_EXAMPLES = 2_000_000
 """--data files with more non-empty lines than this are refused."""
 
 
+def regular_file(path: str | Path, flag: str, error: type[Exception]) -> os.stat_result:
+    """``os.stat`` of ``path`` if it is a regular file; else ``error`` with one line naming ``flag``.
+
+    Devices (``/dev/zero``), pipes and sockets are refused here, before anything reads them.
+    """
+    text = str(path)
+    if not text.strip():
+        raise error(f"{flag}: empty path")
+    if "\0" in text:
+        raise error(f"{flag} {text!r}: the path contains a NUL byte")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{flag} {path}: no such file") from None
+    except OSError as e:
+        raise error(f"{flag} {path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{flag} {path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{flag} {path}: not a regular file (a device, pipe or socket)")
+    return st
+
+
 def read_data_file(path: str | Path, limit: int = MAX_DATA_BYTES) -> bytes:
     """The bytes of a --data file: a regular file of at most ``limit`` bytes, else TextFileError.
 
     Devices (``/dev/zero``), pipes and sockets are refused before reading, and no more
     than ``limit + 1`` bytes are ever read, whatever the file claims its size is.
     """
-    text = str(path)
-    if not text.strip():
-        raise TextFileError("--data: empty path")
-    if "\0" in text:
-        raise TextFileError(f"--data {text!r}: the path contains a NUL byte")
+    st = regular_file(path, "--data", TextFileError)
     p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise TextFileError(f"--data {path}: no such file") from None
-    except OSError as e:
-        raise TextFileError(f"--data {path}: cannot read ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise TextFileError(f"--data {path}: is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise TextFileError(f"--data {path}: not a regular file (a device, pipe or socket)")
     too_big = f"--data {path}: larger than the {limit // 2**20} MiB the demo reads"
     if st.st_size > limit:
         raise TextFileError(too_big)

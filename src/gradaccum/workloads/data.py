@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,20 +57,10 @@ def file_sha256(path: str | Path) -> str:
 
 def check_data_file(path: str | Path, flag: str = "--data") -> Path:
     """The path of a usable data file: regular, a known extension, not blank."""
-    text = str(path)
-    if not text.strip() or "\0" in text:
-        raise WorkloadError(f"{flag} {text!r}: not a usable path")
+    from gradaccum.demo.task import regular_file
+
+    regular_file(path, flag, WorkloadError)
     p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise WorkloadError(f"{flag} {path}: no such file") from None
-    except OSError as e:
-        raise WorkloadError(f"{flag} {path}: cannot read ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise WorkloadError(f"{flag} {path}: is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise WorkloadError(f"{flag} {path}: not a regular file (a device, pipe or socket)")
     if p.suffix.lower() not in EXTENSIONS:
         raise WorkloadError(f"{flag} {path}: unknown extension {p.suffix!r}; use .txt, .jsonl or .json")
     if _is_blank(p):
