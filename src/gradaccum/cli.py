@@ -30,6 +30,8 @@ MAX_SEED = 2**32 - 1
 MAX_REPEATS = 1000
 DEFAULT_MAX_AUTO_BATCH = 1024  # --effective-batch auto grows up to this many examples
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_LORA_R = 65536
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
 
 class BadInput(Exception):
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="choose the micro-batch that fits a memory budget",
                         formatter_class=_HelpFormatter)
     _add_common(pl)
+    pl.add_argument("--world-size", type=_int_at_least(1, 1 << 20), default=None, metavar="N",
+                    help="plan for N ranks from this one process (default: torchrun's world size, or 1); "
+                         "with --fsdp, the number of shards")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     b = sub.add_parser("bench", help="throughput (examples/s) of each micro-batch that fits",
                        formatter_class=_HelpFormatter)
@@ -190,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_large(p: argparse.ArgumentParser) -> None:
+    """Issue 12's flags: LoRA, FSDP2 and activation checkpointing (train, plan, bench)."""
+    p.add_argument("--lora-r", type=_int_at_least(1, MAX_LORA_R), default=None, metavar="N",
+                   help="train rank-N LoRA adapters on every attention and MLP projection (base weights "
+                        "frozen, adapters seeded by --seed, dropout 0); OUT/model holds the adapter")
+    p.add_argument("--lora-alpha", type=_lr, default=None, metavar="F",
+                   help="LoRA scaling numerator (default: 2 x --lora-r)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the torchrun ranks with FSDP2 "
+                        "(one fully_shard per decoder layer, then the root) instead of DDP")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in the backward: less memory, same "
+                        "gradients")
+
+
 def _add_common(p: argparse.ArgumentParser, auto: bool = False) -> None:
     p.add_argument("--effective-batch", type=_effective if auto else _batch_int, default=128,
                    metavar="N|auto" if auto else "N",
@@ -200,6 +220,7 @@ def _add_common(p: argparse.ArgumentParser, auto: bool = False) -> None:
                    help="bytes available, e.g. 2GiB, 500MB (default: the free memory of the CUDA device; "
                         "on CPU, half of the available RAM)")
     _add_workload(p)
+    _add_large(p)
 
 
 def _add_workload(p: argparse.ArgumentParser) -> None:
@@ -240,6 +261,10 @@ def load_workload(args: argparse.Namespace, seed: int | None = None, with_eval: 
     from gradaccum.workloads import WorkloadError, build_workload
 
     precision = Precision(getattr(args, "precision", "fp32"), _device())
+    if getattr(args, "fsdp", False) and precision.name == "bf16" and getattr(args, "lora_r", None) is None:
+        # Under FSDP2 gradaccum cannot keep fp32 gradient buffers (grad_dtype) for bf16 weights:
+        # FSDP2 keeps fp32 weight shards and computes in bf16 (MixedPrecisionPolicy) instead.
+        precision.weights = "fp32"
     try:
         work = build_workload(
             args.model, args.data, getattr(args, "eval_data", None) if with_eval else None,
@@ -263,6 +288,128 @@ def load_workload(args: argparse.Namespace, seed: int | None = None, with_eval: 
     return work
 
 
+# --------------------------------------------------------------------------- LoRA, FSDP2, checkpointing
+def _check_large_flags(args: argparse.Namespace, command: str) -> None:
+    """Combinations of --lora-r / --lora-alpha / --fsdp / --gradient-checkpointing that are refused
+    up front (exit 2, one line, nothing touched)."""
+    if getattr(args, "lora_alpha", None) is not None and getattr(args, "lora_r", None) is None:
+        raise BadInput("--lora-alpha: only with --lora-r N (it scales the LoRA adapters)")
+    if not getattr(args, "fsdp", False):
+        return
+    if args.precision == "fp16":
+        raise BadInput("--precision fp16 with --fsdp: not supported (fp16 loss scaling needs FSDP's sharded "
+                       "grad scaler); use --precision bf16")
+    if command == "bench":
+        raise BadInput("--fsdp: bench times one process and FSDP2 needs several; "
+                       "plan a sharded run with `gradaccum plan --fsdp --world-size N`")
+    if command == "train":
+        if not sync.is_distributed():
+            raise BadInput("--fsdp: shards the model over torchrun's processes; launch with "
+                           "`torchrun --nproc-per-node N -m gradaccum train ... --fsdp` (without torchrun, "
+                           "drop --fsdp)")
+        if args.effective_batch == "auto":
+            raise BadInput("--effective-batch auto with --fsdp: not supported (the gradient noise scale it "
+                           "grows with is not measured under FSDP2); give --effective-batch N")
+
+
+def _has_weights(path: str) -> bool:
+    p = Path(path)
+    return any(any(p.glob(pattern)) for pattern in WEIGHT_FILES)
+
+
+def _config_only(args: argparse.Namespace) -> bool:
+    """--model DIR is a directory with config.json but no weights (enough to plan, not to run)."""
+    if args.model == "demo":
+        return False
+    p = Path(args.model)
+    return p.is_dir() and (p / "config.json").is_file() and not _has_weights(args.model)
+
+
+def _apply_large(args: argparse.Namespace, work: Any) -> None:
+    """LoRA (seeded by --seed), then activation checkpointing, on the loaded model, in place."""
+    from gradaccum.workloads import WorkloadError, hf, lora
+
+    try:
+        if getattr(args, "lora_r", None) is not None:
+            seed = getattr(args, "seed", 0)  # plan and bench have no --seed: the init does not change memory
+            work.model = lora.apply_lora(work.model, args.lora_r, args.lora_alpha, seed=seed)
+        if getattr(args, "gradient_checkpointing", False):
+            lora.enable_gradient_checkpointing(work.model)
+    except WorkloadError as e:
+        raise BadInput(str(e)) from None
+    # Adapters train in fp32 whatever the base dtype: fp32 buffers only for low-precision trained weights.
+    work.grad_dtype = hf.grad_dtype_for(work.model)
+
+
+def _lora_alpha(args: argparse.Namespace) -> float | None:
+    from gradaccum.workloads.lora import DEFAULT_ALPHA_PER_R
+
+    if getattr(args, "lora_r", None) is None:
+        return None
+    return float(args.lora_alpha if args.lora_alpha is not None else DEFAULT_ALPHA_PER_R * args.lora_r)
+
+
+def _fsdp_dtypes(precision: Any) -> tuple[Any, Any]:
+    """FSDP2's MixedPrecisionPolicy for --precision: bf16 compute and fp32 gradient reduction
+    (then FSDP2 also holds a window's unsharded gradients in fp32), else none."""
+    import torch
+
+    if precision.name == "bf16":
+        return torch.bfloat16, torch.float32
+    return None, None
+
+
+def _estimate_kwargs(args: argparse.Namespace, model: Any, fsdp: bool) -> dict[str, Any]:
+    from gradaccum._analytic import _model_dtype
+
+    return {"lora_r": getattr(args, "lora_r", None), "fsdp": fsdp,
+            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
+            "dtype": _model_dtype(model)}
+
+
+def _longest(work: Any) -> int:
+    return max(len(ex[0]) for ex in work.dataset)
+
+
+def _min_budget(args: argparse.Namespace) -> int:
+    """--memory-budget, or the default budget; the smallest over the ranks (collective)."""
+    from gradaccum import memory
+
+    budget = args.memory_budget if args.memory_budget is not None else memory.default_budget_bytes(_device())
+    if sync.world_size() > 1:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([budget], dtype=torch.int64, device=sync.collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        budget = int(t.item())
+    return budget
+
+
+def _shard(args: argparse.Namespace, work: Any, micro: int) -> bool:
+    """--fsdp: shard the (LoRA / checkpointed) model with FSDP2; returns whether to reduce-scatter
+    on every micro-batch (the planner predicts the window's held gradients do not fit)."""
+    from gradaccum import memory
+    from gradaccum.workloads import WorkloadError, fsdp
+
+    kwargs = _estimate_kwargs(args, work.model, fsdp=True)
+    kwargs.pop("fsdp")
+    budget = _min_budget(args)
+    every = memory.fsdp_needs_sync_every_micro_batch(work.model, micro, _longest(work), budget,
+                                                     sync.world_size(), **kwargs)
+    param_dtype, reduce_dtype = _fsdp_dtypes(work.precision)
+    try:
+        work.model = fsdp.shard_fsdp2(work.model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    except WorkloadError as e:
+        raise BadInput(str(e)) from None
+    work.grad_dtype = None  # FSDP2 holds and reduces gradients itself (reduce_dtype)
+    if every and sync.rank() == 0:
+        print(f"gradaccum: --fsdp: a window's unsharded gradients are predicted not to fit "
+              f"{memory.format_bytes(budget)}: reduce-scattering on every micro-batch instead of once per "
+              f"window (same result, more communication)", flush=True)
+    return every
+
+
 def default_micro_batch(per_rank: int, cap: int = DEFAULT_MICRO_CAP) -> int:
     from gradaccum.memory import candidate_micro_batches
 
@@ -279,6 +426,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # then the data; nothing is created before all of them passed.
     if args.resume and args.overwrite:
         raise BadInput("--resume and --overwrite contradict each other: give one")
+    _check_large_flags(args, "train")
     world = sync.world_size()
     auto = args.effective_batch == "auto"
     if auto:
@@ -307,7 +455,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise BadInput(str(e)) from None
     out = _checked_out(args.out, args.resume, args.overwrite)
     work = load_workload(args)
-    work.model.to(_device())
+    _apply_large(args, work)
+    if not args.fsdp:
+        work.model.to(_device())  # FSDP2 moves each shard to the device as it shards
     micro = args.micro_batch
     if micro is None and args.memory_budget is not None:
         micro = "auto"  # a budget with no micro-batch means: plan it
@@ -317,12 +467,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         micro = default_micro_batch(per_rank)
     if adaptive is not None:
         adaptive.lr_rule = "sqrt"  # the CLI trains with AdamW
+    sync_every = _shard(args, work, micro) if args.fsdp else False
+    precision_name = work.precision.name
+    if args.fsdp and precision_name == "bf16":
+        precision_name = "bf16 (FSDP2 mixed precision)"  # other numerics than bf16 weights without --fsdp
+    # --fsdp and --gradient-checkpointing change nothing but rounding: not part of what defines
+    # the run, so a checkpoint resumes on another number of ranks, sharded or not.
     run_config = {
         "--model": "demo" if work.kind == "demo" else work.extra_state.get("model"),
         "--data": work.fingerprint,
-        "--precision": work.precision.name,
+        "--precision": precision_name,
         "--max-length": work.info.get("max_length"),
     }
+    if args.lora_r is not None:  # only when given: checkpoints of runs without LoRA stay as they were
+        run_config.update({"--lora-r": args.lora_r, "--lora-alpha": _lora_alpha(args)})
     if adaptive is not None:
         run_config["--max-effective-batch"] = args.max_effective_batch
     try:
@@ -352,6 +510,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             adaptive=adaptive,
             save_model=_model_saver(work),
             final_metrics=_final_metrics(work),
+            sync_every_micro_batch=sync_every,
         )
     except ValueError as e:
         raise BadInput(str(e)) from None
@@ -382,24 +541,20 @@ DEFAULT_AUTO_MICRO = 8  # --effective-batch auto without --micro-batch: start at
 
 
 def _model_saver(work: Any) -> Any:
-    """OUT/model in save_pretrained form (weights as safetensors, and the tokenizer when it has one)."""
-    from gradaccum.checkpoint import atomic_write_dir
+    """OUT/model in save_pretrained form (safetensors weights, or the LoRA adapter alone, and the
+    tokenizer when it has one); ``state_dict``: the full weights gathered from an FSDP2 model."""
+    from gradaccum.workloads import lora
 
-    def save(model: Any, target: Path) -> None:
-        def write(tmp: Path) -> None:
-            from transformers.utils import logging as hf_logging
+    def save(model: Any, target: Path, state_dict: dict[str, Any] | None = None) -> None:
+        from transformers.utils import logging as hf_logging
 
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # one bar per shard at every checkpoint is noise
-            try:
-                model.save_pretrained(str(tmp))
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
-            if hasattr(work.tokenizer, "save_pretrained"):
-                work.tokenizer.save_pretrained(str(tmp))
-
-        atomic_write_dir(target, write)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one bar per shard at every checkpoint is noise
+        try:
+            lora.save_model(model, work.tokenizer, target, state_dict=state_dict)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     return save if hasattr(work.model, "save_pretrained") else None
 
@@ -495,17 +650,46 @@ def _make_batch(work: Any) -> Any:
     return lambda n: work.collate_fn([longest] * n)
 
 
-def _plan(args: argparse.Namespace, work: Any) -> Any:
-    """The memory plan for this workload (collective under torch.distributed)."""
+def _plan(args: argparse.Namespace, work: Any, world_size: int | None = None) -> Any:
+    """The memory plan for this workload (collective under torch.distributed): measured, or
+    analytic under --fsdp (one process cannot measure a sharded run)."""
     from gradaccum import memory
 
     try:
+        if getattr(args, "fsdp", False):
+            return _analytic_plan(args, work.model, _longest(work), world_size or sync.world_size(),
+                                  _min_budget(args))[0]
         return memory.plan(
             work.model, work.loss_fn, _make_batch(work), args.effective_batch,
-            budget_bytes=args.memory_budget, grad_dtype=work.grad_dtype,
+            budget_bytes=args.memory_budget, grad_dtype=work.grad_dtype, world_size=world_size,
         )
     except memory.BudgetTooSmall as e:
         raise BadInput(f"--memory-budget {memory.format_bytes(e.budget_bytes)}: {e}") from None
+    except ValueError as e:  # e.g. an effective batch that does not divide over --world-size
+        raise BadInput(f"--effective-batch {args.effective_batch}: {e}") from None
+
+
+def _analytic_plan(args: argparse.Namespace, model: Any, seq_len: int, world: int, budget: int) -> Any:
+    """(plan, estimate at its micro-batch, sync_every_micro_batch) from the analytic estimate.
+
+    Under --fsdp the one-reduce-scatter-per-window layout is planned first; when not even
+    micro-batch 1 fits that way, reduce-scattering every micro-batch (what train then does).
+    """
+    from gradaccum import memory
+
+    kw = _estimate_kwargs(args, model, fsdp=bool(getattr(args, "fsdp", False)))
+    every = False
+    try:
+        p = memory.analytic_plan(model, args.effective_batch, seq_len, budget, world_size=world, **kw)
+    except memory.BudgetTooSmall:
+        if not kw["fsdp"]:
+            raise
+        every = True
+        p = memory.analytic_plan(model, args.effective_batch, seq_len, budget, world_size=world,
+                                 sync_every_micro_batch=True, **kw)
+    est = memory.analytic_estimate(model, p.micro_batch, seq_len, world_size=world,
+                                   sync_every_micro_batch=every, margin=p.margin, **kw)
+    return p, est, every
 
 
 def _auto_micro_batch(args: argparse.Namespace, work: Any) -> int:
@@ -524,18 +708,33 @@ def _auto_micro_batch(args: argparse.Namespace, work: Any) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from gradaccum import memory
 
+    _check_large_flags(args, "plan")
+    if args.world_size is not None and sync.world_size() > 1 and args.world_size != sync.world_size():
+        raise BadInput(f"--world-size {args.world_size}: differs from torchrun's {sync.world_size()}")
+    world = args.world_size or sync.world_size()
+    if args.effective_batch % world:
+        raise BadInput(f"--effective-batch {args.effective_batch} is not divisible by the world size {world}")
+    if args.fsdp or _config_only(args):
+        return _cmd_plan_analytic(args, world)
     work = load_workload(args, seed=0, with_eval=False)
+    _apply_large(args, work)
     work.model.to(_device())
-    p = _plan(args, work)
+    p = _plan(args, work, world)
     if sync.rank() != 0:
         return 0
     if args.json:
-        print(json.dumps(p.to_json()))
+        print(json.dumps({**p.to_json(), "method": "measured"}))
         return 0
+    _print_plan(p)
+    return 0
+
+
+def _print_plan(p: Any, header: str = "") -> None:
+    from gradaccum import memory
+
     print(f"effective batch {p.effective_batch}, world size {p.world_size}, "
-          f"budget {memory.format_bytes(p.budget_bytes)} ({p.budget_bytes} bytes)")
+          f"budget {memory.format_bytes(p.budget_bytes)} ({p.budget_bytes} bytes){header}")
     print(f"{'micro-batch':>11}  {'accum':>5}  {'predicted peak':>14}  fits")
     per_rank = p.effective_batch // p.world_size
     for row in p.table:
@@ -545,6 +744,68 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{m:>11}  {per_rank // m:>5}  {memory.format_bytes(peak):>14}  {fits:>4}{mark}")
     print(f"plan: micro-batch {p.micro_batch} x accum steps {p.accum_steps} x world size {p.world_size} "
           f"= {p.effective_batch}")
+
+
+def _cmd_plan_analytic(args: argparse.Namespace, world: int) -> int:
+    """plan from the analytic estimate: --fsdp (sharding is not measurable in one process) or a
+    --model directory with config.json only (no weights or tokenizer are read)."""
+    import json
+
+    from gradaccum import memory
+    from gradaccum.workloads import WorkloadError, hf
+
+    precision = Precision(args.precision, _device())
+    if args.fsdp and precision.name == "bf16" and args.lora_r is None:
+        precision.weights = "fp32"  # as train does: fp32 shards, bf16 compute (see load_workload)
+    if args.model == "demo":
+        work = load_workload(args, seed=0, with_eval=False)
+        model, seq_len = work.model, int(work.info["max_length"])
+        if work.kind == "demo" and precision.weights == "bf16":
+            import torch
+
+            model.to(torch.bfloat16)
+    else:
+        try:
+            model = hf.load_config_only(args.model, dtype=precision.weights)
+        except WorkloadError as e:
+            raise BadInput(str(e)) from None
+        context = hf.max_positions(model.config)
+        if args.max_length is not None and context is not None and args.max_length > context:
+            raise BadInput(f"--max-length {args.max_length}: longer than the model's context "
+                           f"({context} tokens)")
+        seq_len = args.max_length or context
+        if seq_len is None:
+            raise BadInput(f"--max-length: required (the config of --model {args.model} names no "
+                           "context length)")
+    if args.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise BadInput(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    budget = args.memory_budget if args.memory_budget is not None else memory.default_budget_bytes(_device())
+    try:
+        p, est, every = _analytic_plan(args, model, seq_len, world, budget)
+    except memory.BudgetTooSmall as e:
+        raise BadInput(f"--memory-budget {memory.format_bytes(e.budget_bytes)}: {e}") from None
+    except ValueError as e:
+        raise BadInput(f"--model {args.model}: cannot estimate its memory ({e})") from None
+    if sync.rank() != 0:
+        return 0
+    why = "--fsdp" if args.fsdp else "config.json only"
+    if args.json:
+        print(json.dumps({**p.to_json(), "method": "analytic", "seq_len": seq_len,
+                          "sync_every_micro_batch": every, "estimate": est.to_json()}))
+        return 0
+    mode = ", ".join(x for x in (f"LoRA r={args.lora_r}" if args.lora_r else "full fine-tune",
+                                 f"FSDP2 over {world}" if args.fsdp else "",
+                                 "activation checkpointing" if args.gradient_checkpointing else "") if x)
+    print(f"analytic estimate ({why}): {est.total_params / 1e9:.3g} B parameters, "
+          f"{est.trainable_params / 1e6:.4g} M trained; {mode}; sequence length {seq_len}")
+    _print_plan(p, header="; per rank")
+    f = memory.format_bytes
+    print(f"per rank at micro-batch {p.micro_batch}: weights {f(est.params_bytes)}, gathered "
+          f"{f(est.unsharded_params_bytes)}, gradients {f(est.grad_bytes + est.accum_buffer_bytes)}, held "
+          f"{f(est.held_grad_bytes)}, optimizer {f(est.optimizer_state_bytes)}, activations "
+          f"{f(est.activation_bytes)}, transient {f(est.transient_bytes)}")
+    if every:
+        print("--fsdp: a window's unsharded gradients do not fit: train reduce-scatters on every micro-batch")
     return 0
 
 
@@ -553,6 +814,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from gradaccum import memory
 
+    _check_large_flags(args, "bench")
+    if _config_only(args):
+        raise BadInput(f"--model {args.model}: has no weights (config.json only): bench runs the model; "
+                       "`gradaccum plan` estimates its memory from the config alone")
     out = None
     if args.out is not None:
         from gradaccum import runlog
@@ -566,6 +831,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except runlog.OutDirError as e:
             raise BadInput(str(e)) from None
     work = load_workload(args, seed=0, with_eval=False)
+    _apply_large(args, work)
     work.model.to(_device())
     p = _plan(args, work)
     fits = [r["micro_batch"] for r in p.table if r["predicted_peak_bytes"] <= p.budget_bytes]

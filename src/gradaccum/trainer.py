@@ -184,8 +184,13 @@ class Trainer:
     """Measure the gradient noise scale (``noise_scale``, ``critical_batch`` in the metrics)."""
     adaptive: AdaptiveBatch | None = None
     """``--effective-batch auto``: grows accum_steps as the critical batch grows (see adaptive.py)."""
-    save_model: Callable[[nn.Module, Path], None] | None = None
-    """Writes the trained model to ``OUT/model`` (rank 0, at every checkpoint and at the end)."""
+    save_model: Callable[..., None] | None = None
+    """``save_model(model, path)`` writes the trained model to ``OUT/model`` (rank 0, at every
+    checkpoint and at the end). For a model sharded with FSDP2 it is called as
+    ``save_model(model, path, state_dict=...)`` with the full state dict gathered to rank 0."""
+    sync_every_micro_batch: bool = False
+    """Passed to the Accumulator: communicate gradients on every micro-batch (FSDP2 when the
+    window's unsharded gradients would not fit); the same result, more communication."""
     final_metrics: Callable[[nn.Module], dict[str, Any]] | None = None
     """Scores the trained model once at the end (e.g. the demo's accuracy per puzzle kind)."""
 
@@ -251,7 +256,10 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(model)
         self._train_model = model
         self._oom_possible = _oom_possible(model)
-        params = list(model.parameters())
+        # Only what trains: frozen weights (a LoRA base model) get no optimizer state.
+        params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
         opt = (self.optimizer_factory or self._adamw)(params)
         sched = self.scheduler_factory(opt) if self.scheduler_factory else None
         scaler = None
@@ -261,6 +269,7 @@ class Trainer:
             model, opt, self.accum_steps, scheduler=sched, max_grad_norm=self.max_grad_norm,
             grad_dtype=self.grad_dtype, grad_scaler=scaler,
             measure_noise=self.measure_noise and not sync.is_fsdp2(model),
+            sync_every_micro_batch=self.sync_every_micro_batch,
         )
         self._scaler = scaler
         out = Path(self.out_dir) if self.out_dir is not None else None
@@ -469,13 +478,20 @@ class Trainer:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         mine = range(self.rank, len(self.eval_dataset), self.world_size)
+        batches = math.ceil(len(mine) / self.micro_batch)
+        if sync.is_fsdp2(model):
+            # FSDP2 all-gathers weights in every forward: every rank runs as many as rank 0,
+            # a rank out of examples runs one more and adds nothing.
+            batches = math.ceil(math.ceil(len(self.eval_dataset) / self.world_size) / self.micro_batch)
         try:
             with torch.no_grad(), self._autocast():
-                for i in range(0, len(mine), self.micro_batch):
-                    batch = self.collate_fn([self.eval_dataset[j] for j in mine[i : i + self.micro_batch]])
+                for b in range(batches):
+                    idx = mine[b * self.micro_batch : (b + 1) * self.micro_batch]
+                    weight = 1.0 if len(idx) else 0.0
+                    batch = self.collate_fn([self.eval_dataset[j] for j in (idx or [0])])
                     loss_sum, n = self.loss_fn(model, batch)
                     pair = [loss_sum.detach().double().cpu(), torch.as_tensor(n).double().cpu()]
-                    total += torch.stack(pair)
+                    total += weight * torch.stack(pair)
         finally:
             model.train(was_training)
         if self.world_size > 1:
@@ -587,14 +603,27 @@ class Trainer:
         return OutputWriteError(f"{err}; {last}")
 
     def _save(self, path: Path, step: int, opt: Any, sched: Any, acc: Accumulator, elapsed: float) -> None:
+        model = self._unwrapped()
+        sharded = sync.is_fsdp2(model)
+        if sharded:
+            # Collective (every rank takes part): the full weights and optimizer state are
+            # gathered to rank 0's CPU, in the layout of an unsharded run, so the checkpoint
+            # resumes on any number of ranks, sharded or not.
+            from gradaccum.workloads import fsdp
+
+            model_state = fsdp.full_state_dict(model)
+            gathered = fsdp.full_optimizer_state_dict(model, opt)
+            opt_state = fsdp.indexed_optimizer_state_dict(model, opt, gathered)
         if self.rank != 0:
             return
+        if not sharded:
+            model_state, opt_state = model.state_dict(), opt.state_dict()
         state = {
             "format": "gradaccum",
             "version": FORMAT_VERSION,
             "step": step,
-            "model": self._unwrapped().state_dict(),
-            "optimizer": opt.state_dict(),
+            "model": model_state,
+            "optimizer": opt_state,
             "scheduler": sched.state_dict() if sched is not None else None,
             "accumulator": acc.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -622,7 +651,10 @@ class Trainer:
         if self.save_model is not None:
             target = path.parent / runlog.MODEL_DIR
             try:
-                self.save_model(self._unwrapped(), target)
+                if sharded:
+                    self.save_model(model, target, state_dict=model_state)
+                else:
+                    self.save_model(model, target)
             except OSError as e:
                 raise self._write_failed(target, e, f"saving the model of step {step}") from None
 
@@ -643,6 +675,13 @@ class Trainer:
                 if key in run and run[key] != value:
                     raise checkpoint.CheckpointError(
                         f"--resume: {key} {_brief(value)} differs from {_brief(run[key])} in {path}; "
+                        f"a resumed run keeps the flags that define it (or start afresh with --overwrite)"
+                    )
+            mine = self.defining_config()
+            for key, value in run.items():
+                if key not in mine and value is not None:  # e.g. --lora-r given then, not now
+                    raise checkpoint.CheckpointError(
+                        f"--resume: {key} {_brief(value)} in {path} is not given now; "
                         f"a resumed run keeps the flags that define it (or start afresh with --overwrite)"
                     )
         data = ck["data"]
@@ -702,8 +741,16 @@ class Trainer:
             if isinstance(v, bool) or not isinstance(v, ok_type) or not v >= low:
                 raise bad(f"the accumulator's {key} is {v!r}")
         try:
-            self._unwrapped().load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
+            model = self._unwrapped()
+            if sync.is_fsdp2(model):  # collective: each rank keeps its shard of the full state
+                from gradaccum.workloads import fsdp
+
+                fsdp.load_full_state_dict(model, ck["model"])
+                named = fsdp.named_optimizer_state_dict(model, opt, ck["optimizer"])
+                fsdp.load_full_optimizer_state_dict(model, opt, named)
+            else:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
             if sched is not None and ck.get("scheduler") is not None:
                 sched.load_state_dict(ck["scheduler"])
             acc.load_state_dict(acc_state)
@@ -749,7 +796,8 @@ class Trainer:
         evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
         critical = [r["critical_batch"] for r in rows if r.get("critical_batch") is not None]
         extra: dict[str, Any] = {}
-        if self.final_metrics is not None and self.rank == 0:
+        # (not under FSDP2: a forward on rank 0 alone would wait for the others' all-gathers)
+        if self.final_metrics is not None and self.rank == 0 and not sync.is_fsdp2(self._unwrapped()):
             extra = self.final_metrics(self._unwrapped())
         summary = {
             "steps": self.steps,

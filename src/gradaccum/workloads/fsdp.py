@@ -132,5 +132,44 @@ def load_full_optimizer_state_dict(
                              options=_options(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The fully qualified name of each of the optimizer's parameters, in its own order."""
+    name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in name_of:
+                raise ValueError("the optimizer holds a parameter that is not the model's")
+            names.append(name_of[id(p)])
+    return names
+
+
+def indexed_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """A name-keyed full optimizer state (:func:`full_optimizer_state_dict`) in
+    ``optimizer.state_dict()``'s own layout (parameters numbered in the optimizer's order),
+    so a checkpoint of a sharded run looks like, and loads into, an unsharded run's."""
+    if not state_dict:
+        return state_dict
+    names = _optimizer_names(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
+    state = {index[n]: v for n, v in state_dict["state"].items()}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def named_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """The inverse of :func:`indexed_optimizer_state_dict`: ``optimizer.state_dict()`` layout
+    -> keyed by parameter name, what :func:`load_full_optimizer_state_dict` takes for a
+    sharded model."""
+    names = _optimizer_names(model, optimizer)
+    state = {names[i]: v for i, v in state_dict["state"].items()}
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def is_rank0() -> bool:
     return not sync.is_distributed() or dist.get_rank() == 0

@@ -15,9 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,36 +184,26 @@ def save_model(
     full state dict to save instead of the model's own, e.g. one gathered to rank 0
     from an FSDP2-sharded model (``workloads.fsdp.full_state_dict``).
 
-    Everything is written into a temporary directory beside ``out_dir`` and renamed into
-    place; an existing ``out_dir`` is replaced only after the new one is complete, so a
-    crash leaves either the old directory or the new one, never half of one.
+    Written with :func:`gradaccum.checkpoint.atomic_write_dir`: into a temporary directory
+    beside ``out_dir``, then swapped into place, so a crash leaves either the old
+    directory or the new one, never half of one.
     """
+    from gradaccum.checkpoint import atomic_write_dir
+
     out = Path(out_dir)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise WorkloadError(f"{out}: exists and is not a directory")
+    if not hasattr(model, "save_pretrained"):
+        raise WorkloadError(f"{type(model).__name__}: cannot be saved with save_pretrained")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old: Path | None = None
-    try:
+
+    def write(tmp: Path) -> None:
         kwargs: dict[str, Any] = {"safe_serialization": True}
         if state_dict is not None:
             kwargs["state_dict"] = dict(state_dict)  # save_pretrained pops entries as it writes them
-        if not hasattr(model, "save_pretrained"):
-            raise WorkloadError(f"{type(model).__name__}: cannot be saved with save_pretrained")
         model.save_pretrained(str(tmp), **kwargs)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous directory back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+    atomic_write_dir(out, write)
     return out
