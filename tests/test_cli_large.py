@@ -380,3 +380,29 @@ def test_bad_combinations_exit_2_with_one_line(files: dict[str, Path], tmp_path:
     assert any(flag in err for flag in ("--lora", "--fsdp", "--model", "--world-size", "--effective-batch",
                                         "--max-length")), err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_fsdp_syncs_every_micro_batch_when_held_gradients_do_not_fit(files: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """A --memory-budget between the two FSDP2 layouts: said at start-up, and the same run."""
+    from gradaccum import memory
+    from gradaccum.cli import _longest, build_parser, load_workload
+
+    args = build_parser().parse_args(["train", "--model", str(files["llama"]), "--data", str(files["data"])])
+    work = load_workload(args)
+    kw = {"fsdp": True, "world_size": 2, "gradient_checkpointing": False}
+    held = memory.analytic_estimate(work.model, 4, _longest(work), **kw).predicted_peak_bytes
+    every = memory.analytic_estimate(work.model, 4, _longest(work), sync_every_micro_batch=True,
+                                     **kw).predicted_peak_bytes
+    assert every < held
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    assert _train(files, single, steps=2) == 0
+    args_ = ["-m", "gradaccum", "train", "--model", str(files["llama"]), "--data", str(files["data"]), *RUN,
+             "--steps", "2", "--micro-batch", "4", "--out", str(sharded), "--fsdp",
+             "--memory-budget", str((held + every) // 2)]
+    proc = dh.run_torchrun(args_, timeout=180)
+    assert proc.rc == 0, dh.describe([proc])
+    assert "reduce-scattering on every micro-batch" in proc.out
+    assert _losses(sharded) == pytest.approx(_losses(single), rel=REL)
