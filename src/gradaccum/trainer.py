@@ -643,10 +643,11 @@ class Trainer:
         except OSError as e:
             raise self._write_failed(path, e, f"saving step {step}") from None
         except RuntimeError as e:  # torch's zip writer may wrap, or mask, the OS error
-            cause = _os_error_in(e)
+            cause = checkpoint.os_error_in(e)
             if cause is None and "write" not in str(e).lower():
                 raise
-            raise self._write_failed(path, cause or _as_os_error(path), f"saving step {step}") from None
+            cause = cause or checkpoint.as_os_error(path)
+            raise self._write_failed(path, cause, f"saving step {step}") from None
         self._last_saved = step
         if self.save_model is not None:
             target = path.parent / runlog.MODEL_DIR
@@ -727,9 +728,10 @@ class Trainer:
                 ) from None
             for r in rows:
                 history.append(r)
-        _check_optimizer_state(ck["optimizer"], opt, bad)
-        if sched is not None and ck.get("scheduler") is not None and not _conforms(sched.state_dict(),
-                                                                                   ck["scheduler"]):
+        checkpoint.check_optimizer_state(ck["optimizer"], opt, bad)
+        saved_sched = ck.get("scheduler")
+        if sched is not None and saved_sched is not None and not checkpoint.conforms(sched.state_dict(),
+                                                                                     saved_sched):
             raise bad("the scheduler state has the wrong structure")
         acc_state = ck["accumulator"]
         if not isinstance(acc_state, dict):
@@ -765,7 +767,7 @@ class Trainer:
             if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8
                     and torch_state.shape == torch.get_rng_state().shape):
                 raise TypeError("torch generator state has the wrong type or size")
-            python_state = _as_random_state(rng["python"])
+            python_state = checkpoint.as_random_state(rng["python"])
             state_before = torch.get_rng_state(), random.getstate()
             try:
                 torch.set_rng_state(torch_state)
@@ -846,85 +848,6 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def _os_error_in(e: BaseException) -> OSError | None:
-    """The OSError behind ``e`` (its context or cause chain), if any."""
-    seen = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _as_os_error(path: Path) -> OSError:
-    """torch's writer reports "file write failed": find out whether the disk is full."""
-    import errno
-    import shutil
-
-    try:
-        full = shutil.disk_usage(path.parent).free < 1 << 20
-    except OSError:
-        full = False
-    return OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO))
-
-
-def _conforms(fresh: Any, loaded: Any, numbers_interchange: bool = True) -> bool:
-    """Whether ``loaded`` has the structure (keys, lengths, types, tensor shapes) of ``fresh``."""
-    if fresh is None or isinstance(fresh, bool):
-        return loaded is None if fresh is None else isinstance(loaded, bool)
-    if isinstance(fresh, (int, float)):
-        if isinstance(loaded, bool) or not isinstance(loaded, (int, float)):
-            return False
-        return numbers_interchange or isinstance(loaded, type(fresh))
-    if isinstance(fresh, str):
-        return isinstance(loaded, str)
-    if isinstance(fresh, torch.Tensor):
-        return (isinstance(loaded, torch.Tensor) and loaded.dtype == fresh.dtype
-                and loaded.shape == fresh.shape)
-    if isinstance(fresh, dict):
-        return (isinstance(loaded, dict) and set(loaded) == set(fresh)
-                and all(_conforms(fresh[k], loaded[k], numbers_interchange) for k in fresh))
-    if isinstance(fresh, (list, tuple)):
-        return (isinstance(loaded, (list, tuple)) and len(loaded) == len(fresh)
-                and all(_conforms(a, b, numbers_interchange) for a, b in zip(fresh, loaded, strict=True)))
-    return True
-
-
-_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
-                 "sum", "ax", "prev")
-
-
-def _check_optimizer_state(state: Any, opt: torch.optim.Optimizer, bad: Callable[[str], Exception]) -> None:
-    """Refuse optimizer state that load_state_dict would accept but step() would choke on."""
-    fresh = opt.state_dict()
-    if not isinstance(state, dict) or set(state) != set(fresh):
-        raise bad("the optimizer state is not a state dict")
-    groups = state["param_groups"]
-    if not _conforms(fresh["param_groups"], groups):
-        raise bad("the optimizer's parameter groups do not fit this model")
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if not isinstance(state["state"], dict):
-        raise bad("the optimizer state is not a dict")
-    for idx, per_param in state["state"].items():
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(params):
-            raise bad(f"the optimizer state names parameter {idx!r}, which this model does not have")
-        if not isinstance(per_param, dict):
-            raise bad(f"the optimizer state of parameter {idx} is not a dict")
-        for key, value in per_param.items():
-            if key in _PARAM_SHAPED and not (
-                isinstance(value, torch.Tensor) and value.shape == params[idx].shape
-                and value.is_floating_point()
-            ):
-                raise bad(f"the optimizer's {key} of parameter {idx} does not fit its shape")
-            if key == "step" and not (
-                (isinstance(value, torch.Tensor) and value.numel() == 1)
-                or (isinstance(value, (int, float)) and not isinstance(value, bool))
-            ):
-                raise bad(f"the optimizer's step of parameter {idx} is {value!r}")
-
-
 def _oom_possible(model: nn.Module) -> bool:
     """Only CUDA raises OutOfMemoryError, so only there is an OOM agreement worth a collective."""
     return any(p.is_cuda for p in model.parameters())
@@ -951,15 +874,3 @@ def _check_sizes(effective: int, micro: int, world: int) -> None:
             f"--effective-batch {effective} is not divisible by --micro-batch {micro}"
             + (f" x world size {world}" if world > 1 else "")
         )
-
-
-def _as_random_state(state: Any) -> tuple[Any, ...]:
-    # weights_only loading may hand tuples back as lists; random.setstate wants tuples.
-    if not isinstance(state, (list, tuple)) or len(state) != 3:
-        raise TypeError("python generator state is not a 3-tuple")
-    version, internal, gauss = state
-    if not isinstance(internal, (list, tuple)) or not all(
-        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in internal
-    ):
-        raise TypeError("python generator state is malformed")
-    return (version, tuple(internal), gauss)
