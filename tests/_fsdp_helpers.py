@@ -154,7 +154,37 @@ def scenario_train(out: Path) -> None:
     distributed.teardown()
 
 
-SCENARIOS = {"train": scenario_train}
+def scenario_memory(out: Path) -> None:
+    """Per-rank predicted vs measured peak of one FSDP2 window (benchmarks/memory_modes.py's
+    measurement: resident shards + PeakTracker over a whole window, optimizer step included),
+    deferred reduce-scatter and ``sync_every_micro_batch``, micro-batch 2."""
+    import json
+
+    import torch.distributed as dist
+
+    from gradaccum import distributed
+    from gradaccum.workloads.fsdp import shard_fsdp2
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import memory_modes as mm
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    distributed.setup_from_env()
+    r = dist.get_rank()
+    rows = []
+    for every in (False, True):
+        model = mm.build(lora=False, ckpt=False)
+        est = mm.estimate(model, 2, lora=False, ckpt=False, world=WORLD, fsdp=True, sync_every=every)
+        shard_fsdp2(model)
+        meas = mm.measure_window(model, 2, sync_every=every, fsdp=True, rank=r)
+        rows.append({"sync_every": every, "predicted": est.raw_peak_bytes, **meas})
+        dist.barrier()
+    (out / f"memory{r}.json").write_text(json.dumps(rows))
+    distributed.teardown()
+
+
+SCENARIOS = {"train": scenario_train, "memory": scenario_memory}
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))

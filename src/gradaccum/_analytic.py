@@ -321,7 +321,9 @@ class AnalyticEstimate:
     """FSDP2 only: all-gathered weights alive during forward/backward (the root module's
     stay gathered; two decoder layers: the one computing and the one prefetched)."""
     grad_bytes: int
-    """Gradients of the trainable parameters (their shard under FSDP2)."""
+    """Gradients of the trainable parameters (their shard under FSDP2; 0 under FSDP2's deferred
+    sync, where the shards only replace the held unsharded gradients layer by layer in the
+    window's last backward, so they are never resident on top of them)."""
     accum_buffer_bytes: int
     """gradaccum's fp32 ``grad_dtype`` buffers for low-precision trainable weights."""
     held_grad_bytes: int
@@ -458,14 +460,19 @@ def analytic_estimate(
     step_transient = shard(trainable * opt_bytes) if foreach else shard(3 * largest_trainable * opt_bytes)
 
     unsharded = held = 0
-    if fsdp and world_size > 1:
+    sharded_fsdp = fsdp and world_size > 1
+    layer_gathered = shape.layer_params * e + lora_per_layer * a_e
+    if sharded_fsdp:
         layer_trainable = lora_per_layer if lora else shape.layer_params
         # the root stays gathered from forward to backward; one layer computes, one is prefetched
-        unsharded = (shape.root_params + 2 * shape.layer_params) * e + 2 * lora_per_layer * a_e
+        unsharded = shape.root_params * e + 2 * layer_gathered
         if sync_every_micro_batch:
             held = layer_trainable * t_bytes  # one layer's unsharded gradient before its reduce-scatter
         else:
             held = trainable * t_bytes  # every unsharded gradient, kept until the window's last backward
+            # the shards appear only as the held gradients are reduce-scattered and freed
+            # (the window's last backward, layer by layer): never on top of them
+            grad_bytes = 0
     # --- activations
     tokens = micro_batch * seq_len
     per_layer = layer_activation_bytes_per_token(shape, e, lora_r, a_e, padded) * tokens
@@ -480,13 +487,20 @@ def analytic_estimate(
     mask = micro_batch * seq_len * seq_len if padded else 0  # boolean attention mask
     grad_in_flight = (shape.largest_param * e) if not lora else 0
     layer_transient = (2 * e * shape.intermediate + 2 * e * h) * tokens
+    layer_phase = (per_layer if ckpt else 0.0) + layer_transient  # a layer's backward (recomputed)
     if ckpt:
-        boundaries = shape.num_layers * e * h * tokens
-        activations = boundaries + top
-        transient = max(logits, per_layer + layer_transient) + mask + grad_in_flight
+        activations = shape.num_layers * e * h * tokens + top  # layer boundaries
     else:
         activations = shape.num_layers * per_layer + top
-        transient = max(logits, layer_transient) + mask + grad_in_flight
+    if sharded_fsdp:
+        # Two phases of the backward under FSDP2: the logits' gradient (only the root and the
+        # last, prefetched, layer are gathered: one layer less than ``unsharded``) and a
+        # layer's backward (two layers gathered; the weight gradient in flight is that
+        # layer's, counted in ``held``). Measured on 2 gloo ranks (docs/memory.md).
+        top_phase = logits + grad_in_flight - layer_gathered
+        transient = max(top_phase, layer_phase, 0.0) + mask
+    else:
+        transient = max(logits, layer_phase) + mask + grad_in_flight
     return AnalyticEstimate(
         micro_batch=micro_batch,
         seq_len=seq_len,
