@@ -117,51 +117,6 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    """PeakTracker's storage key, safe for DTensors (whose wrapper storage raises on data_ptr)."""
-    try:
-        s = t.untyped_storage()
-        ptr = s.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return None if ptr == 0 else (ptr, s.nbytes())
-
-
-def tracker_class() -> Any:
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._pytree import tree_flatten
-
-    from gradaccum.memory import PeakTracker
-
-    class Tracker(PeakTracker):
-        """PeakTracker whose dispatch skips DTensor arguments and outputs (FSDP2's sharded
-        parameters): their local shards are counted where plain ops allocate them."""
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            out = func(*args, **(kwargs or {}))
-            self._sweep()
-            inputs = {k[0] for t in tree_flatten((args, kwargs))[0]
-                      if isinstance(t, torch.Tensor) and (k := _storage_key(t)) is not None}
-            for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                    continue
-                key = _storage_key(t)
-                if key is None or key[0] in inputs:
-                    continue
-                ptr, nbytes = key
-                old = self._live.get(ptr)
-                if old is not None:
-                    self.live_bytes += nbytes - old[1]
-                    self._live[ptr] = (old[0], nbytes)
-                    continue
-                self._live[ptr] = (StorageWeakRef(t.untyped_storage()), nbytes)
-                self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            return out
-
-    return Tracker
-
-
 class _ResizeCounter:
     """Make a PeakTracker count FSDP2's storage resizes (unsharded weights freed with
     ``storage.resize_(0)`` and re-allocated with ``resize_(n)``: not dispatcher ops)."""
@@ -220,7 +175,7 @@ def measure_window(model: nn.Module, micro: int, sync_every: bool = False, fsdp:
     del warm
     mbs = [make_batch(micro, seed=100 * rank + 50 + i) for i in range(ACCUM)]
     resident = resident_bytes(model, opt)
-    tracker = tracker_class()("cpu") if fsdp else memory.PeakTracker("cpu")
+    tracker = memory.PeakTracker("cpu")  # its storage key skips DTensor wrappers (FSDP2 shards)
     with tracker, (_ResizeCounter(tracker) if fsdp else contextlib.nullcontext()):
         acc.step(mbs, hf.loss_fn)
     peak = tracker.peak_bytes

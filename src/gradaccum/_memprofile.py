@@ -62,9 +62,9 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     """(data_ptr, nbytes) of the tensor's underlying storage; None when it has none."""
     try:
         s = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, mkldnn, some subclasses
+        ptr = s.data_ptr()  # a DTensor's wrapper storage raises here
+    except (RuntimeError, NotImplementedError):  # sparse, mkldnn, DTensor and other subclasses
         return None
-    ptr = s.data_ptr()
     return None if ptr == 0 else (ptr, s.nbytes())
 
 
