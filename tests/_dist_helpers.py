@@ -459,7 +459,7 @@ def scenario_cli(out: Path, argv: list[str]) -> None:
     and a guard that fails rank != 0 if it tries to write an output file."""
     import builtins
 
-    from gradaccum import checkpoint, cli, trainer
+    from gradaccum import checkpoint, cli, runlog, trainer
 
     rank = int(os.environ.get("RANK", "0"))
     fault = os.environ.get("GA_TEST_FAULT", "")
@@ -476,6 +476,7 @@ def scenario_cli(out: Path, argv: list[str]) -> None:
 
         checkpoint.atomic_write_bytes = no_write  # type: ignore[assignment]
         trainer.open = guarded_open  # type: ignore[attr-defined]
+        runlog.open = guarded_open  # type: ignore[attr-defined]  # metrics.jsonl is opened there
         if fault.startswith("die:"):
             at = int(fault.split(":")[1])
             real_window = trainer.Trainer._run_window
