@@ -276,6 +276,20 @@ def scenario_ddp(out: Path) -> None:
     distributed.teardown()
 
 
+def count_reduce_scatter(counter: list[int]) -> None:
+    """Count FSDP2's reduce-scatter calls into ``counter[0]`` (wraps torch.distributed's)."""
+    import torch.distributed as dist
+
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        orig = getattr(dist, name, None)
+        if orig is not None:
+            def counted(*a: Any, _orig: Any = orig, **k: Any) -> Any:
+                counter[0] += 1
+                return _orig(*a, **k)
+
+            setattr(dist, name, counted)
+
+
 def scenario_fsdp(out: Path) -> None:
     """FSDP2 on CPU/gloo: deferred sync (shapes a and b) and sync_every_micro_batch."""
     import torch.distributed as dist
@@ -289,14 +303,7 @@ def scenario_fsdp(out: Path) -> None:
     distributed.setup_from_env()
     r = dist.get_rank()
     counter = [0]
-    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
-        orig = getattr(dist, name, None)
-        if orig is not None:
-            def counted(*a: Any, _orig: Any = orig, **k: Any) -> Any:
-                counter[0] += 1
-                return _orig(*a, **k)
-
-            setattr(dist, name, counted)
+    count_reduce_scatter(counter)
 
     def sharded() -> torch.nn.Module:
         model = _tiny_lm()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _dist_helpers import count_reduce_scatter
 from torch import nn
 
 VOCAB = 48
@@ -96,19 +97,6 @@ def single_process(variant: str) -> tuple[list[float], nn.Module]:
 
 
 # ----------------------------------------------------------------------------- worker
-def _count_reduce_scatter(counter: list[int]) -> None:
-    import torch.distributed as dist
-
-    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
-        orig = getattr(dist, name, None)
-        if orig is not None:
-            def counted(*a: Any, _orig: Any = orig, **k: Any) -> Any:
-                counter[0] += 1
-                return _orig(*a, **k)
-
-            setattr(dist, name, counted)
-
-
 def scenario_train(out: Path) -> None:
     """FSDP2 (shard_fsdp2) + Accumulator for the full model and for LoRA; gather and save."""
     import torch.distributed as dist
@@ -122,7 +110,7 @@ def scenario_train(out: Path) -> None:
     distributed.setup_from_env()
     r = dist.get_rank()
     counter = [0]
-    _count_reduce_scatter(counter)
+    count_reduce_scatter(counter)
     record: dict[str, Any] = {}
     for variant in ("full", "lora"):
         probe = shard_fsdp2(build(variant))
