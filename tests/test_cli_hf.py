@@ -209,3 +209,16 @@ def test_bad_input_exits_2_with_one_line(files: dict[str, Path], tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert _digest(out) == before
+
+
+def test_compare_and_check_on_a_users_model(files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(files["llama"]), "--data", str(files["pc_var"]),
+                 "--effective-batch", "8", "--micro-batch", "2", "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["reference"] == "full"
+    assert result["contenders"]["accumulated"]["max_rel_deviation"] < 1e-5
+    assert result["contenders"]["mean-of-means"]["max_rel_deviation"] > 1e-6
+    capsys.readouterr()
+    assert main(["check", "--model", str(files["llama"]), "--data", str(files["pc_var"])]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OK")
