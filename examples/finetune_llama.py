@@ -36,8 +36,9 @@ def make_data(n: int, seed: int) -> list[dict[str, str]]:
     out = []
     for _ in range(n):
         animal = rng.choice(ANIMALS)
+        # Prompt and completion are joined as they are (TRL's convention): mind the space.
         out.append({"prompt": f"what color is the {animal}",
-                    "completion": f"the {animal} is {color_of[animal]}"})
+                    "completion": f" the {animal} is {color_of[animal]}"})
     return out
 
 

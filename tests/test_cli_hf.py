@@ -28,8 +28,10 @@ def _words(rng: random.Random, n: int) -> str:
 
 def _prompt_completion(n: int, seed: int = 0, fixed: bool = True) -> list[dict[str, str]]:
     rng = random.Random(seed)
+    # TRL joins prompt and completion as they are: the completion carries its leading space.
     return [{"prompt": _words(rng, PROMPT_WORDS if fixed else rng.randint(1, 5)),
-             "completion": _words(rng, COMPLETION_WORDS if fixed else rng.randint(1, 9))} for _ in range(n)]
+             "completion": " " + _words(rng, COMPLETION_WORDS if fixed else rng.randint(1, 9))}
+            for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
