@@ -465,8 +465,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         micro = _auto_micro_batch(args, work)
     elif micro is None:
         micro = default_micro_batch(per_rank)
-    if adaptive is not None:
-        adaptive.lr_rule = "sqrt"  # the CLI trains with AdamW
     sync_every = _shard(args, work, micro) if args.fsdp else False
     precision_name = work.precision.name
     if args.fsdp and precision_name == "bf16":

@@ -34,7 +34,7 @@ from torch import nn
 
 from gradaccum import checkpoint, runlog, sync
 from gradaccum.accumulator import Accumulator, LossFn, StepResult
-from gradaccum.adaptive import AdaptiveBatch
+from gradaccum.adaptive import AdaptiveBatch, lr_rule_for
 from gradaccum.memory import candidate_micro_batches, next_smaller
 from gradaccum.runlog import CHECKPOINT, METRICS, PLOT, SUMMARY, OutDirError, OutputWriteError, plot_losses
 
@@ -262,6 +262,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         opt = (self.optimizer_factory or self._adamw)(params)
         sched = self.scheduler_factory(opt) if self.scheduler_factory else None
+        if self.adaptive is not None:
+            self.adaptive.lr_rule = lr_rule_for(opt)  # sqrt for Adam-family, linear for SGD
         scaler = None
         if self.autocast_dtype == torch.float16:
             scaler = torch.amp.GradScaler(_device_type(model))  # fp16 needs loss scaling
@@ -271,7 +273,6 @@ class Trainer:
             measure_noise=self.measure_noise and not sync.is_fsdp2(model),
             sync_every_micro_batch=self.sync_every_micro_batch,
         )
-        self._scaler = scaler
         out = Path(self.out_dir) if self.out_dir is not None else None
         writes = out is not None and self.rank == 0
         if self.resume and out is None:
