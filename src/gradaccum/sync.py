@@ -227,3 +227,31 @@ def collective_device() -> torch.device:
     if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- small agreements
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is True on any rank (one tiny all-reduce; no collective on one process)."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over the ranks (``value`` itself on one process)."""
+    return _reduce_int(value, "max")
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest ``value`` over the ranks (``value`` itself on one process)."""
+    return _reduce_int(value, "min")
+
+
+def _reduce_int(value: int, how: str) -> int:
+    if world_size() == 1:
+        return int(value)
+    op = dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.MIN
+    t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t, op=op)
+    return int(t.item())
