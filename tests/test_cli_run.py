@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradaccum import checkpoint, runlog
+from gradaccum import checkpoint, outdir
 from gradaccum.cli import main
 
 TINY = ["--steps", "3", "--effective-batch", "16", "--micro-batch", "4"]
@@ -49,18 +49,18 @@ def test_overwrite_replaces_the_previous_run(tmp_path, capsys):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and ck["run"]["--seed"] == 5 and ck["run"]["--steps"] == 2
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
-    assert not (out / runlog.LOCK).exists()
+    assert not (out / outdir.LOCK).exists()
 
 
 def test_second_run_on_a_locked_out_dir_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    with runlog.RunLock(out):
+    with outdir.RunLock(out):
         assert main(["train", *TINY, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err
         assert str(out) in err and "in use by another gradaccum run" in err and f"pid {os.getpid()}" in err
-        assert sorted(p.name for p in out.iterdir()) == [runlog.LOCK]
+        assert sorted(p.name for p in out.iterdir()) == [outdir.LOCK]
 
 
 def test_two_concurrent_runs_one_wins(tmp_path):
@@ -112,7 +112,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_bitwise(tmp_path, capsy
         assert f"stopped by {sig.name} after step {step} of 20" in err, err
         assert "checkpoint saved" in err and "--resume" in err and str(out) in err
         assert [r["step"] for r in _rows(out)] == list(range(1, step + 1))  # nothing lost
-        assert not (out / runlog.LOCK).exists()
+        assert not (out / outdir.LOCK).exists()
         stops.append(step)
     assert 2 <= stops[0] < stops[1] < 20
     r = subprocess.run([sys.executable, "-m", "gradaccum", *args, "--out", str(out), "--resume"],

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from gradaccum import runlog
-from gradaccum.runlog import MetricsHistory, OutDirError, RunLock
+from gradaccum.runlog import MetricsHistory
 
 
 def test_history_round_trips_rows_exactly_with_absent_keys_and_none():
@@ -59,54 +56,6 @@ def test_read_metrics_skips_damage(tmp_path):
     assert [r["step"] for r in runlog.read_metrics(p)] == [1, 3]
     assert runlog.read_metrics(tmp_path / "missing.jsonl") == []
     assert [r["step"] for r in runlog.legacy_rows_upto(p, 2)] == [1]
-
-
-def test_lock_is_exclusive_names_its_holder_and_is_removed(tmp_path):
-    with RunLock(tmp_path):
-        assert (tmp_path / runlog.LOCK).exists()
-        holder = runlog.lock_holder(tmp_path)
-        assert holder is not None and f"pid {os.getpid()}" in holder
-        with pytest.raises(OutDirError, match=rf"in use by another gradaccum run \(pid {os.getpid()}"):
-            RunLock(tmp_path).acquire()
-        with pytest.raises(OutDirError, match="in use"):
-            runlog.guard(tmp_path, resume=False, overwrite=False)
-    assert not (tmp_path / runlog.LOCK).exists()
-    assert runlog.lock_holder(tmp_path) is None
-    RunLock(tmp_path).acquire().release()  # free again
-
-
-def test_a_killed_holders_lock_is_free(tmp_path):
-    code = ("import sys, os; from gradaccum.runlog import RunLock; from pathlib import Path; "
-            "RunLock(Path(sys.argv[1])).acquire(); os._exit(0)")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
-    assert (tmp_path / runlog.LOCK).exists()  # left behind, but nobody holds it
-    assert runlog.lock_holder(tmp_path) is None
-    RunLock(tmp_path).acquire().release()
-
-
-def test_guard(tmp_path):
-    runlog.guard(tmp_path / "new", resume=False, overwrite=False)
-    assert not (tmp_path / "new").exists()  # the guard creates nothing
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text("")
-    with pytest.raises(OutDirError, match="already holds a run"):
-        runlog.guard(run, resume=False, overwrite=False)
-    runlog.guard(run, resume=False, overwrite=True)
-    with pytest.raises(OutDirError, match="no checkpoint"):
-        runlog.guard(run, resume=True, overwrite=False)
-    with pytest.raises(OutDirError, match="contradict"):
-        runlog.guard(run, resume=True, overwrite=True)
-    (run / "summary.json").mkdir()
-    with pytest.raises(OutDirError, match="summary.json is a directory"):
-        runlog.guard(run, resume=False, overwrite=True)
-    with pytest.raises(OutDirError, match="empty"):
-        runlog.guard("", resume=False, overwrite=False)
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(OutDirError, match="is a file"):
-        runlog.guard(tmp_path / "f" / "sub", resume=False, overwrite=False)
-    with pytest.raises(OutDirError, match="not a directory"):
-        runlog.guard(tmp_path / "f", resume=False, overwrite=False)
 
 
 def test_plot_panels_show_lr_and_grad_norm_and_grow_with_new_metrics(tmp_path):

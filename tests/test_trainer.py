@@ -12,7 +12,8 @@ import torch
 import gradaccum as ga
 from gradaccum import demo
 from gradaccum.checkpoint import CheckpointError
-from gradaccum.runlog import OutDirError, plot_losses
+from gradaccum.outdir import OutDirError
+from gradaccum.runlog import plot_losses
 from gradaccum.trainer import Stopped, Trainer
 
 
@@ -135,12 +136,13 @@ def test_checkpoint_contents_load_with_weights_only(tmp_path):
     [
         ({"effective": 16, "micro": 5}, "not divisible"),
         ({"effective": 16, "micro": 32}, "larger than"),
-        ({"effective": 16, "micro": 0}, "--micro-batch"),
-        ({"effective": 0, "micro": 1}, "--effective-batch"),
-        ({"steps": 0}, "--steps"),
+        ({"effective": 16, "micro": 0}, "micro_batch"),
+        ({"effective": 0, "micro": 1}, "effective_batch"),
+        ({"steps": 0}, "steps"),
     ],
 )
-def test_bad_sizes_raise_value_error_naming_the_flag(kw, words):
+def test_bad_sizes_raise_value_error_naming_the_parameter(kw, words):
+    """The library names its parameters; the CLI maps them to flags (tests/test_cli_bad_input.py)."""
     with pytest.raises(ValueError, match=words):
         _trainer(**kw)
 

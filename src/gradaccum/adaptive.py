@@ -115,3 +115,13 @@ class AdaptiveBatch:
                 )
         self.accum_steps = int(state["accum_steps"])
         self.last_change = int(state.get("last_change", 0))
+
+
+def scale_lr(optimizer: torch.optim.Optimizer, scheduler: Any, ratio: float) -> None:
+    """Multiply the learning rate by ``ratio``, now and in every later step of the schedule."""
+    for g in optimizer.param_groups:
+        g["lr"] *= ratio
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        # LambdaLR-style schedules recompute the lr from base_lrs every step.
+        scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -13,7 +13,6 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,7 @@ def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     return obj
 
 
-# --------------------------------------------------------------------------- validation on load
+# --------------------------------------------------------------------------- errors
 def os_error_in(e: BaseException) -> OSError | None:
     """The OSError behind ``e`` (its context or cause chain), if any."""
     seen = set()
@@ -139,70 +138,3 @@ def as_os_error(path: Path) -> OSError:
     except OSError:
         full = False
     return OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO))
-
-
-def conforms(fresh: Any, loaded: Any, numbers_interchange: bool = True) -> bool:
-    """Whether ``loaded`` has the structure (keys, lengths, types, tensor shapes) of ``fresh``."""
-    if fresh is None or isinstance(fresh, bool):
-        return loaded is None if fresh is None else isinstance(loaded, bool)
-    if isinstance(fresh, (int, float)):
-        if isinstance(loaded, bool) or not isinstance(loaded, (int, float)):
-            return False
-        return numbers_interchange or isinstance(loaded, type(fresh))
-    if isinstance(fresh, str):
-        return isinstance(loaded, str)
-    if isinstance(fresh, torch.Tensor):
-        return (isinstance(loaded, torch.Tensor) and loaded.dtype == fresh.dtype
-                and loaded.shape == fresh.shape)
-    if isinstance(fresh, dict):
-        return (isinstance(loaded, dict) and set(loaded) == set(fresh)
-                and all(conforms(fresh[k], loaded[k], numbers_interchange) for k in fresh))
-    if isinstance(fresh, (list, tuple)):
-        return (isinstance(loaded, (list, tuple)) and len(loaded) == len(fresh)
-                and all(conforms(a, b, numbers_interchange) for a, b in zip(fresh, loaded, strict=True)))
-    return True
-
-
-PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
-                 "sum", "ax", "prev")
-
-
-def check_optimizer_state(state: Any, opt: torch.optim.Optimizer, bad: Callable[[str], Exception]) -> None:
-    """Refuse optimizer state that load_state_dict would accept but step() would choke on."""
-    fresh = opt.state_dict()
-    if not isinstance(state, dict) or set(state) != set(fresh):
-        raise bad("the optimizer state is not a state dict")
-    groups = state["param_groups"]
-    if not conforms(fresh["param_groups"], groups):
-        raise bad("the optimizer's parameter groups do not fit this model")
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if not isinstance(state["state"], dict):
-        raise bad("the optimizer state is not a dict")
-    for idx, per_param in state["state"].items():
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(params):
-            raise bad(f"the optimizer state names parameter {idx!r}, which this model does not have")
-        if not isinstance(per_param, dict):
-            raise bad(f"the optimizer state of parameter {idx} is not a dict")
-        for key, value in per_param.items():
-            if key in PARAM_SHAPED and not (
-                isinstance(value, torch.Tensor) and value.shape == params[idx].shape
-                and value.is_floating_point()
-            ):
-                raise bad(f"the optimizer's {key} of parameter {idx} does not fit its shape")
-            if key == "step" and not (
-                (isinstance(value, torch.Tensor) and value.numel() == 1)
-                or (isinstance(value, (int, float)) and not isinstance(value, bool))
-            ):
-                raise bad(f"the optimizer's step of parameter {idx} is {value!r}")
-
-
-def as_random_state(state: Any) -> tuple[Any, ...]:
-    # weights_only loading may hand tuples back as lists; random.setstate wants tuples.
-    if not isinstance(state, (list, tuple)) or len(state) != 3:
-        raise TypeError("python generator state is not a 3-tuple")
-    version, internal, gauss = state
-    if not isinstance(internal, (list, tuple)) or not all(
-        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in internal
-    ):
-        raise TypeError("python generator state is malformed")
-    return (version, tuple(internal), gauss)

@@ -4,10 +4,9 @@
   is a log: the checkpoint carries the same rows (:class:`MetricsHistory`), so on
   ``--resume`` the file is rewritten from the checkpoint, whatever happened to it.
 - ``summary.json`` and ``loss.png``: written at the end of a run.
-- The guard: an ``--out`` that already holds a run is refused unless the run is
-  resumed or overwritten, outputs that are not regular files are refused, and a lock
-  file (``.gradaccum.lock``, ``flock``-ed for the life of the run, naming its holder)
-  keeps two runs out of one directory.
+- The rows themselves: one per optimizer step (:class:`RowMaker`), and the summary.
+
+Which directory a run may write into is :mod:`gradaccum.outdir`'s business.
 
 Nothing here needs torch; the trainer feeds it rows and calls it at the right moments.
 """
@@ -15,247 +14,18 @@ Nothing here needs torch; the trainer feeds it rows and calls it at the right mo
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
-import fcntl
 import json
-import os
-import socket
-import stat
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-PLOT = "loss.png"
-MODEL_DIR = "model"  # OUT/model: save_pretrained form (HF models and LoRA adapters)
-LOCK = ".gradaccum.lock"
-OUTPUTS = (METRICS, CHECKPOINT, SUMMARY, PLOT)
-RUN_MARKERS = (METRICS, CHECKPOINT)
-"""Files whose presence means the directory already holds a run."""
-
-
-class OutDirError(ValueError):
-    """An output directory that cannot be used: bad input (exit 2), nothing was touched."""
+from gradaccum.errors import one_line
 
 
 class OutputWriteError(RuntimeError):
     """Writing an output failed mid-run (disk full, I/O error): one line, exit 1."""
-
-
-# --------------------------------------------------------------------------- the guard
-def check_out_path(out: str | Path, flag: str = "--out") -> Path:
-    """The output directory as a Path, or OutDirError if it can never be one.
-
-    Read-only: refuses the empty string, a path under a regular file, a path that
-    exists and is not a directory, and names the OS cannot take (NUL bytes, too long).
-    """
-    text = os.fspath(out)
-    if not str(text).strip():
-        raise OutDirError(f"{flag}: empty path (give a directory, e.g. {flag} runs/my-run)")
-    path = Path(text)
-    try:
-        if path.exists() and not path.is_dir():
-            raise OutDirError(f"{flag} {path}: exists and is not a directory")
-        if path.is_symlink() and not path.exists():
-            raise OutDirError(f"{flag} {path}: is a broken symbolic link")
-        for parent in path.absolute().parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise OutDirError(f"{flag} {path}: {parent} is a file, not a directory")
-                break
-            if parent.is_symlink():  # a dangling link on the way
-                raise OutDirError(f"{flag} {path}: {parent} is a broken symbolic link")
-    except (OSError, ValueError) as e:
-        if isinstance(e, OutDirError):
-            raise
-        raise OutDirError(f"{flag} {_show(text)}: unusable path ({_reason(e)})") from None
-    return path
-
-
-def nearest_existing(path: Path) -> Path:
-    for p in (path.absolute(), *path.absolute().parents):
-        if p.exists():
-            return p
-    return Path("/")
-
-
-def check_writable(out: Path, flag: str = "--out") -> None:
-    """OutDirError unless files can be created in ``out`` (or where it will be created).
-
-    Probes by creating and removing a temporary directory: this catches read-only file
-    systems, immutable directories and permissions, even for root, where os.access lies.
-    """
-    where = nearest_existing(out)
-    try:
-        probe = tempfile.mkdtemp(prefix=".gradaccum-probe-", dir=where)
-        os.rmdir(probe)
-    except OSError as e:
-        if e.errno == errno.EROFS:
-            why = "read-only file system"
-        elif e.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = "the disk is full"
-        elif e.errno in (errno.EACCES, errno.EPERM):
-            why = "permission denied (or an immutable directory)"
-        else:
-            why = _reason(e)
-        where_txt = "" if where == out.absolute() else f" (in {where})"
-        raise OutDirError(f"{flag} {out}: cannot write there{where_txt}: {why}") from None
-
-
-def holds_run(out: Path) -> bool:
-    return any(os.path.lexists(out / name) for name in RUN_MARKERS)
-
-
-def check_outputs_are_files(out: Path, flag: str = "--out") -> None:
-    """Every output name that exists must be a regular file (or a link to one)."""
-    for name in OUTPUTS:
-        p = out / name
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise OutDirError(f"{flag} {out}: cannot use {p} ({_reason(e)})") from None
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise OutDirError(f"{flag} {out}: {p} is {kind}; move it away (the run writes that file)")
-
-
-def guard(out: str | Path, resume: bool, overwrite: bool, flag: str = "--out", locked: bool = False) -> Path:
-    """Refuse an output directory this run must not write into (read-only checks).
-
-    ``locked``: this process already holds the directory's lock (skip that check).
-    """
-    out = check_out_path(out, flag)
-    if resume and overwrite:
-        raise OutDirError("--resume and --overwrite contradict each other: give one")
-    holder = None if locked else lock_holder(out)
-    if holder is not None:
-        raise OutDirError(f"{flag} {out}: in use by another gradaccum run ({holder}); wait for it or "
-                          f"choose another {flag}")
-    if out.is_dir():
-        check_outputs_are_files(out, flag)
-    if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise OutDirError(f"--resume: no checkpoint at {out / CHECKPOINT}")
-    elif holds_run(out) and not overwrite:
-        raise OutDirError(
-            f"{flag} {out}: already holds a run ({', '.join(n for n in RUN_MARKERS if (out / n).exists())}); "
-            "add --resume to continue it or --overwrite to replace it"
-        )
-    check_writable(out, flag)
-    return out
-
-
-def clear_outputs(out: Path) -> None:
-    """--overwrite: remove the previous run's outputs (only the files gradaccum writes)."""
-    import shutil
-
-    for name in OUTPUTS:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-    if (out / MODEL_DIR).is_dir() and not (out / MODEL_DIR).is_symlink():
-        shutil.rmtree(out / MODEL_DIR)
-
-
-# --------------------------------------------------------------------------- the lock
-def lock_holder(out: Path) -> str | None:
-    """Who holds ``out``'s lock, or None when nobody does. Read-only."""
-    path = out / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _holder_text(fd)
-        except OSError:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def _holder_text(fd: int) -> str:
-    with contextlib.suppress(OSError):
-        text = os.pread(fd, 500, 0).decode("utf-8", "replace").strip()
-        if text:
-            return text.splitlines()[0]
-    return "holder unknown"
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``OUT/.gradaccum.lock`` for the life of a run.
-
-    The file names its holder (pid, host, start time). It is removed on release; a
-    process that locked a file another one had just removed notices (the path no
-    longer points at its file) and tries again, so two runs never both hold it. A
-    killed run's lock dies with its process (the kernel drops flock locks).
-    """
-
-    def __init__(self, out: Path, flag: str = "--out") -> None:
-        self.out, self.flag = Path(out), flag
-        self.path = self.out / LOCK
-        self.fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        for _ in range(100):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            except OSError as e:
-                raise OutDirError(
-                    f"{self.flag} {self.out}: cannot create the lock file ({_reason(e)})"
-                ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder_text(fd)
-                os.close(fd)
-                raise OutDirError(
-                    f"{self.flag} {self.out}: in use by another gradaccum run ({holder}); wait for it or "
-                    f"choose another {self.flag}"
-                ) from None
-            except OSError as e:
-                os.close(fd)
-                raise OutDirError(f"{self.flag} {self.out}: cannot lock ({_reason(e)})") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # released and removed by its previous holder under our feet
-                os.close(fd)
-                continue
-            self.fd = fd
-            when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            text = f"pid {os.getpid()} on host {socket.gethostname()} since {when}\n"
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, text.encode(), 0)
-            return self
-        raise OutDirError(f"{self.flag} {self.out}: could not take the lock (it keeps changing)")
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # while still holding it: see the class docstring
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        self.fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -408,6 +178,83 @@ class MetricsLog:
             self.file = None
 
 
+# --------------------------------------------------------------------------- rows
+@dataclass
+class RowMaker:
+    """Builds one metrics row per optimizer step, with the run's throughput and critical batch.
+
+    Rates count this process's run only (a resumed run starts them afresh); the critical
+    batch converts the noise scale (items) to examples at the mean items per example of
+    every applied step so far, the resumed ones included.
+    """
+
+    items_name: str = "items"
+    """What ``num_items`` counts: names the ``<items>_per_s`` column."""
+    items_run: float = 0.0
+    examples_run: int = 0
+    items_applied: float = 0.0
+    examples_applied: float = 0.0
+
+    def resume_from(self, rows: Sequence[dict[str, Any]]) -> None:
+        applied = [r for r in rows if not r.get("skipped")]
+        self.items_applied = sum(float(r.get("num_items", 0)) for r in applied)
+        self.examples_applied = sum(float(r.get("effective_batch", 0)) for r in applied)
+
+    def critical_batch(self, noise_scale: float | None) -> float | None:
+        if noise_scale is None or self.examples_applied <= 0 or self.items_applied <= 0:
+            return None
+        return noise_scale * self.examples_applied / self.items_applied
+
+    def row(self, result: Any, step: int, shape: Any, position: int, elapsed: float, run_time: float
+            ) -> dict[str, Any]:
+        """The row of optimizer step ``step + 1`` (``result``: its StepResult; ``shape``: its BatchShape)."""
+        self.items_run += result.num_items
+        self.examples_run += shape.effective_batch
+        if not result.skipped:
+            self.items_applied += result.num_items
+            self.examples_applied += shape.effective_batch
+        noise = {}
+        if result.noise_scale is not None:
+            critical = self.critical_batch(result.noise_scale)
+            noise = {"noise_scale": result.noise_scale, "critical_batch": critical}
+        per_s = max(run_time, 1e-9)
+        return {
+            "step": step + 1, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "num_items": result.num_items, "skipped": result.skipped, "micro_batch": shape.micro_batch,
+            "accum_steps": shape.accum_steps, "world_size": shape.world_size,
+            "effective_batch": shape.effective_batch, "examples_seen": position,
+            "elapsed_s": round(elapsed, 4),
+            f"{self.items_name}_per_s": round(self.items_run / per_s, 2),
+            "examples_per_s": round(self.examples_run / per_s, 2),
+            **noise,
+        }
+
+
+def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_seen: int,
+              auto_batch: bool) -> dict[str, Any]:
+    """summary.json's numbers from the run's rows (the caller adds its own keys)."""
+    losses = [r["loss"] for r in rows if not r.get("skipped")]
+    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    critical = [r["critical_batch"] for r in rows if r.get("critical_batch") is not None]
+    return {
+        "steps": steps,
+        "effective_batch": shape.effective_batch,
+        "micro_batch": shape.micro_batch,
+        "accum_steps": shape.accum_steps,
+        "world_size": shape.world_size,
+        "examples_seen": examples_seen,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "loss_ratio": losses[-1] / losses[0] if losses and losses[0] else None,
+        "skipped_steps": sum(1 for r in rows if r.get("skipped")),
+        "elapsed_s": rows[-1]["elapsed_s"] if rows else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "critical_batch": critical[-1] if critical else None,
+        "noise_scale": next((r["noise_scale"] for r in reversed(rows) if r.get("noise_scale")), None),
+        "effective_batch_auto": auto_batch,
+    }
+
+
 # --------------------------------------------------------------------------- summary
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     from gradaccum.checkpoint import atomic_write_bytes
@@ -514,17 +361,12 @@ def is_disk_full(e: BaseException) -> bool:
 
 def write_error(path: Path, e: OSError, what: str) -> OutputWriteError:
     """One line for an OSError while writing ``path``."""
-    why = "the disk is full (no space left on device)" if is_disk_full(e) else f"write failed ({_reason(e)})"
+    why = "the disk is full (no space left on device)" if is_disk_full(e) else f"write failed ({one_line(e)})"
     return OutputWriteError(f"{path}: {why} while {what}")
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
-
-
-def _show(text: Any) -> str:
-    s = str(text)
-    return s if len(s) <= 80 else s[:77] + "..."
+def run_write_error(path: Path, e: OSError, last_saved: int | None, what: str) -> OutputWriteError:
+    """:func:`write_error` during a run: names the last good checkpoint's step (None: none yet)."""
+    last = f"the last good checkpoint is step {last_saved}" if last_saved is not None else \
+        "no checkpoint was saved yet"
+    return OutputWriteError(f"{write_error(path, e, what)}; {last}")
