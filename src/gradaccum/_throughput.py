@@ -14,15 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradaccum._memprofile import (
-    LossFn,
-    MakeBatch,
-    OptimizerFactory,
-    _adamw,
-    _isolated,
-    _model_device,
-    _unwrap,
-)
+from gradaccum._livebytes import model_device
+from gradaccum._memprofile import LossFn, MakeBatch, OptimizerFactory, adamw, isolated, unwrap
 from gradaccum.accumulator import Accumulator
 
 
@@ -31,7 +24,7 @@ def measure_throughput(
     loss_fn: LossFn,
     make_batch: MakeBatch,
     candidates: Sequence[int],
-    optimizer_factory: OptimizerFactory = _adamw,
+    optimizer_factory: OptimizerFactory = adamw,
     repeats: int = 3,
     warmup: int = 1,
     window_batch: int | None = None,
@@ -51,8 +44,8 @@ def measure_throughput(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    src = _unwrap(model)
-    device = _model_device(src)
+    src = unwrap(model)
+    device = model_device(src)
     rows: list[dict[str, float]] = []
     for m in candidates:
         if window_batch is not None and window_batch % m:
@@ -82,7 +75,7 @@ def _time_candidate(
     src: nn.Module, loss_fn: LossFn, make_batch: MakeBatch, m: int, k: int,
     optimizer_factory: OptimizerFactory, repeats: int, warmup: int, device: torch.device,
 ) -> float:
-    with _isolated(device):
+    with isolated(device):
         work = copy.deepcopy(src)
         work.train()
         with warnings.catch_warnings():

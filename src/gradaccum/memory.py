@@ -19,23 +19,19 @@ number covers a whole k-micro-batch window.
 Every term is *measured* on a deep copy of the model, never guessed per layer or per
 optimizer type, the same way on CPU and on CUDA, so plans can be made and tested without
 a GPU. The measurement lives in :mod:`gradaccum._memprofile` (which describes how it
-works) and the timing of candidates in :mod:`gradaccum._throughput`; both are private, and
-every name in them is re-exported here, the module to import from.
+works; its live-bytes accounting in ``_livebytes``, its line fits in ``_fits``), sizes
+and the default budget in ``_sizes``, the timing of candidates in ``_throughput`` and
+the config-only estimate in ``_analytic``. All are private; their public names are
+re-exported here, the module to import from.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import decimal
-import math
-import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gradaccum import sync
@@ -45,26 +41,30 @@ from gradaccum._analytic import (  # noqa: F401 - re-exported: the analytic (con
     analytic_estimate,
     decoder_shape,
 )
+from gradaccum._fits import LinearFit  # noqa: F401 - re-exported
+from gradaccum._livebytes import (
+    PeakTracker,  # noqa: F401 - re-exported
+    model_device,
+)
 from gradaccum._memprofile import (  # noqa: F401 - re-exported: the public measurement API
     DEFAULT_MARGIN,
     DEFAULT_MEASURE_SIZES,
-    LinearFit,
     LossFn,
     MakeBatch,
     MemoryProfile,
     OptimizerFactory,
-    PeakTracker,
-    _adamw,
-    _model_device,
-    _normalize_device,
-    _unwrap,
+    adamw,
     measure_micro_batch,
     profile_memory,
+    unwrap,
+)
+from gradaccum._sizes import (  # noqa: F401 - re-exported: sizes and the default budget
+    CPU_BUDGET_SHARE,
+    default_budget_bytes,
+    format_bytes,
+    parse_size,
 )
 from gradaccum._throughput import measure_throughput  # noqa: F401 - re-exported
-
-CPU_BUDGET_SHARE = 0.5
-"""Share of the available RAM (``MemAvailable``) used as the default budget on CPU."""
 
 
 class BudgetTooSmall(ValueError):
@@ -78,98 +78,6 @@ class BudgetTooSmall(ValueError):
             f"{format_bytes(needed_bytes, round_up=True)} ({needed_bytes} bytes, "
             f"including a {margin:.0%} safety margin)"
         )
-
-
-# --------------------------------------------------------------------------- sizes
-_UNITS = {
-    "": 1, "b": 1,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-}
-_SIZE_RE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in a size like ``"1048576"``, ``"512MiB"``, ``"1.5 GiB"`` or ``"2GB"``.
-
-    Binary units B, KiB, MiB, GiB, TiB and decimal units KB, MB, GB, TB are accepted,
-    case-insensitive, with an optional space. A fractional size is rounded down to
-    whole bytes. Raises ValueError (one line) for anything else, and for sizes < 1 byte.
-    """
-    if isinstance(text, bool):
-        raise ValueError(f"invalid size {text!r}: expected e.g. 512MiB, 2GB or 1048576")
-    if isinstance(text, int):
-        if text < 1:
-            raise ValueError(f"invalid size {text}: must be at least 1 byte")
-        return text
-    if not isinstance(text, str):
-        raise ValueError(f"invalid size {text!r}: expected a string such as 512MiB")
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit, e.g. 512MiB")
-    sign, number, unit = m.groups()
-    if unit.lower() not in _UNITS:
-        raise ValueError(
-            f"invalid size {text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
-        )
-    value = decimal.Decimal(number) * _UNITS[unit.lower()]
-    if sign == "-":
-        raise ValueError(f"invalid size {text!r}: must be positive")
-    if unit.lower() in ("", "b") and value != value.to_integral_value():
-        raise ValueError(f"invalid size {text!r}: a byte count must be a whole number")
-    out = int(value)  # floor: a budget is a ceiling, never round it up
-    if out < 1:
-        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
-    return out
-
-
-def format_bytes(n: int | float, round_up: bool = False) -> str:
-    """``n`` bytes as a short human-readable string: ``"512 B"``, ``"12.3 MiB"``, ``"1.5 GiB"``.
-
-    With ``round_up`` the one decimal shown is rounded up, for "needs at least" messages.
-    """
-    n = float(n)
-    if abs(n) < 1024:
-        return f"{int(math.ceil(n) if round_up else n)} B"
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            v = n / scale
-            if round_up:
-                v = math.ceil(v * 10 - 1e-9) / 10
-            return f"{v:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def default_budget_bytes(device: torch.device | str | None = None) -> int:
-    """The memory budget used when none is given.
-
-    - CUDA: memory this process can still use on the device: the driver's free bytes
-      (``torch.cuda.mem_get_info``) plus what PyTorch's caching allocator already holds
-      (``memory_reserved``), because the plan's prediction counts the model that is
-      already resident there.
-    - CPU (and any other device): ``CPU_BUDGET_SHARE`` = 50% of the available RAM,
-      read from ``MemAvailable`` in /proc/meminfo (falling back to ``os.sysconf``), so
-      that the rest of the system keeps room.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = _normalize_device(device)
-    if dev.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(dev)
-        return int(free + torch.cuda.memory_reserved(dev))
-    return int(_available_ram_bytes() * CPU_BUDGET_SHARE)
-
-
-def _available_ram_bytes() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the kernel reports kB (= KiB)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError) as e:
-        raise RuntimeError("cannot determine available RAM: pass a memory budget explicitly") from e
 
 
 # --------------------------------------------------------------------------- planning
@@ -267,7 +175,7 @@ def plan(
     make_batch: MakeBatch,
     effective_batch: int,
     budget_bytes: int | str | None = None,
-    optimizer_factory: OptimizerFactory = _adamw,
+    optimizer_factory: OptimizerFactory = adamw,
     world_size: int | None = None,
     grad_dtype: torch.dtype | None = None,
     margin: float = DEFAULT_MARGIN,
@@ -299,19 +207,16 @@ def plan(
     if world_size is None:
         world_size = sync.world_size()
     candidate_micro_batches(effective_batch, world_size)  # validate before any work
-    device = _model_device(_unwrap(model))
+    device = model_device(unwrap(model))
     budget = parse_size(budget_bytes) if budget_bytes is not None else default_budget_bytes(device)
     if not distributed:
         prof = _profile_for(model, loss_fn, make_batch, optimizer_factory, grad_dtype, measure_sizes,
                             effective_batch, world_size)
         return plan_from_profile(prof, effective_batch, budget, world_size, margin)
 
-    cdev = sync.collective_device()
-    b = torch.tensor([budget], dtype=torch.int64, device=cdev)
-    dist.all_reduce(b, op=dist.ReduceOp.MIN)
-    budget = int(b.item())
+    budget = sync.min_over_ranks(budget)
     result: Plan | BaseException | None = None
-    if dist.get_rank() == 0:
+    if sync.rank() == 0:
         try:
             prof = _profile_for(model, loss_fn, make_batch, optimizer_factory, grad_dtype, measure_sizes,
                                 effective_batch, world_size)
@@ -407,20 +312,9 @@ def broadcast_plan(plan: Plan | None, src: int = 0) -> Plan:
 
 
 def _broadcast(result: Plan | BaseException | None, src: int, margin: float) -> Plan:
-    cdev = sync.collective_device()
-    header = torch.zeros(9, dtype=torch.int64, device=cdev)
-    is_src = dist.get_rank() == src
-    if is_src:
-        if isinstance(result, Plan):
-            header = torch.tensor([_OK, result.micro_batch, result.accum_steps, result.effective_batch,
-                                   result.world_size, result.predicted_peak_bytes, result.budget_bytes,
-                                   len(result.table), 0], dtype=torch.int64, device=cdev)
-        elif isinstance(result, BudgetTooSmall):
-            header[0], header[6], header[8] = _TOO_SMALL, result.budget_bytes, result.needed_bytes
-        else:
-            header[0] = _FAILED
-    dist.broadcast(header, src=src)
-    status, micro, accum, eff, world, peak, budget, n_rows, needed = header.tolist()
+    is_src = sync.rank() == src
+    header = sync.broadcast_ints(_header(result) if is_src else None, 9, src=src)
+    status, micro, accum, eff, world, peak, budget, n_rows, needed = header
     if status == _TOO_SMALL:
         if is_src and isinstance(result, BaseException):
             raise result
@@ -429,13 +323,21 @@ def _broadcast(result: Plan | BaseException | None, src: int, margin: float) -> 
         if is_src and isinstance(result, BaseException):
             raise result
         raise RuntimeError(f"memory planning failed on rank {src}; see its error")
-    rows = torch.zeros(2 * n_rows, dtype=torch.int64, device=cdev)
+    mine = None
     if is_src and isinstance(result, Plan):
-        rows = torch.tensor([v for r in result.table for v in (r["micro_batch"], r["predicted_peak_bytes"])],
-                            dtype=torch.int64, device=cdev)
-    dist.broadcast(rows, src=src)
+        mine = [v for r in result.table for v in (r["micro_batch"], r["predicted_peak_bytes"])]
+    flat = sync.broadcast_ints(mine, 2 * n_rows, src=src)
     if is_src and isinstance(result, Plan):
         return result
-    flat = rows.tolist()
     table = [{"micro_batch": flat[i], "predicted_peak_bytes": flat[i + 1]} for i in range(0, len(flat), 2)]
     return Plan(micro, accum, eff, world, peak, budget, table, margin)
+
+
+def _header(result: Plan | BaseException | None) -> list[int]:
+    """What rank ``src`` sends first: the status and the plan's numbers (or the needed bytes)."""
+    if isinstance(result, Plan):
+        return [_OK, result.micro_batch, result.accum_steps, result.effective_batch, result.world_size,
+                result.predicted_peak_bytes, result.budget_bytes, len(result.table), 0]
+    if isinstance(result, BudgetTooSmall):
+        return [_TOO_SMALL, 0, 0, 0, 0, 0, result.budget_bytes, 0, result.needed_bytes]
+    return [_FAILED, 0, 0, 0, 0, 0, 0, 0, 0]

@@ -255,3 +255,14 @@ def _reduce_int(value: int, how: str) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+# --------------------------------------------------------------------------- broadcast (memory planner)
+def broadcast_ints(values: Sequence[int] | None, length: int, src: int = 0) -> list[int]:
+    """Rank ``src``'s ``length`` ints on every rank (other ranks pass None). One broadcast."""
+    if values is None:
+        t = torch.zeros(length, dtype=torch.int64, device=collective_device())
+    else:
+        t = torch.tensor(list(values), dtype=torch.int64, device=collective_device())
+    dist.broadcast(t, src=src)
+    return t.tolist()
