@@ -3,9 +3,10 @@
 ``build_workload("demo")`` is the built-in task (with a held-out set scored per puzzle
 kind); ``build_workload("demo", data=FILE)`` the demo model at character level on a
 file; ``build_workload(DIR, data=FILE)`` a Hugging Face causal LM directory on a file in
-TRL's SFT formats (see ``workloads.data``). Every failure caused by the user's model
-or data is a ``WorkloadError`` (a ``ValueError``) with a one-line message naming the
-flag and path (and line): the CLI prints it and exits 2.
+TRL's SFT formats (read and checked in ``workloads.files``, tokenized in
+``workloads.data``). Every failure caused by the user's model or data is a
+``WorkloadError`` (a ``ValueError``) with a one-line message naming the flag and path
+(and line): the CLI prints it and exits 2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradaccum.workloads.data import Collator, Example, count_items, file_sha256, pad_id_of, tokenize_file
+from gradaccum.workloads.data import Collator, Example, count_items, pad_id_of, tokenize_file
 from gradaccum.workloads.errors import WorkloadError
+from gradaccum.workloads.files import file_sha256
 
 __all__ = ["Example", "Workload", "WorkloadError", "build_workload"]
 
@@ -102,42 +104,57 @@ def build_workload(
       auto (as saved) for the weights. ``seed`` is unused (the weights are given).
     Data is read and checked before any weights are loaded, so bad input fails fast.
     """
-    from gradaccum.workloads import demo as demo_workload
-    from gradaccum.workloads import hf
-
     if max_length is not None and max_length < 3:
         raise WorkloadError(f"--max-length {max_length}: must be at least 3")
     if model == "demo":
-        parts = demo_workload.build_demo(
-            data, eval_data, max_length, seed,
-            task_size=demo_workload.TASK_SIZE if task_size is None else task_size,
-            eval_size=demo_workload.EVAL_SIZE if eval_size is None else eval_size,
-            cache_dir=cache_dir, progress=progress,
-        )
-        from gradaccum import demo
+        return _demo_workload(data, eval_data, max_length, seed, task_size, eval_size, cache_dir, progress)
+    return _hf_workload(model, data, eval_data, max_length, dtype, cache_dir, progress)
 
-        return Workload(
-            model=parts.model,
-            dataset=parts.examples,
-            loss_fn=demo.loss_fn,
-            collate_fn=demo.collate,
-            extra_state=parts.extra_state,
-            fingerprint=parts.fingerprint,
-            eval_dataset=parts.eval_examples,
-            eval_fingerprint=parts.eval_fingerprint,
-            tokenizer=parts.tokenizer,
-            kind="demo",
-            format=parts.format,
-            truncated=parts.truncated,
-            eval_truncated=parts.eval_truncated,
-            mean_items=_mean_items(parts.examples),
-            accuracy_fn=(
-                functools.partial(demo_workload.puzzle_accuracy, puzzles=parts.puzzles)
-                if parts.puzzles
-                else None
-            ),
-            info={"examples": len(parts.examples), "max_length": parts.extra_state["max_len"]},
-        )
+
+def _demo_workload(
+    data: str | None, eval_data: str | None, max_length: int | None, seed: int,
+    task_size: int | None, eval_size: int | None, cache_dir: str | None, progress: bool,
+) -> Workload:
+    """The demo model on the generated task, or at character level on a data file."""
+    from gradaccum import demo
+    from gradaccum.workloads import demo as demo_workload
+
+    parts = demo_workload.build_demo(
+        data, eval_data, max_length, seed,
+        task_size=demo_workload.TASK_SIZE if task_size is None else task_size,
+        eval_size=demo_workload.EVAL_SIZE if eval_size is None else eval_size,
+        cache_dir=cache_dir, progress=progress,
+    )
+    return Workload(
+        model=parts.model,
+        dataset=parts.examples,
+        loss_fn=demo.loss_fn,
+        collate_fn=demo.collate,
+        extra_state=parts.extra_state,
+        fingerprint=parts.fingerprint,
+        eval_dataset=parts.eval_examples,
+        eval_fingerprint=parts.eval_fingerprint,
+        tokenizer=parts.tokenizer,
+        kind="demo",
+        format=parts.format,
+        truncated=parts.truncated,
+        eval_truncated=parts.eval_truncated,
+        mean_items=_mean_items(parts.examples),
+        accuracy_fn=(
+            functools.partial(demo_workload.puzzle_accuracy, puzzles=parts.puzzles)
+            if parts.puzzles
+            else None
+        ),
+        info={"examples": len(parts.examples), "max_length": parts.extra_state["max_len"]},
+    )
+
+
+def _hf_workload(
+    model: str, data: str | None, eval_data: str | None, max_length: int | None,
+    dtype: str | torch.dtype | None, cache_dir: str | None, progress: bool,
+) -> Workload:
+    """A Hugging Face model directory on a data file: data read and checked before the weights."""
+    from gradaccum.workloads import hf
 
     config = hf.load_config(model)  # first: a wrong --model is the more basic mistake
     if data is None:

@@ -15,17 +15,15 @@ where a token is not in the loss (the demo's shape, so one collate serves both).
 causal shift happens in the loss (``gradaccum.losses.causal_lm``), so an example's
 item count is the number of counted labels after position 0.
 
-Files are read with Hugging Face ``datasets`` (Arrow, memory-mapped: a file larger than
-RAM works) and tokenized once with ``.map`` (cached beside the Arrow data, so a second
-run on the same file and tokenizer does not tokenize again).
+Files are read and checked by ``workloads.files`` (with Hugging Face ``datasets``:
+Arrow, memory-mapped, so a file larger than RAM works) and tokenized here once with
+``.map`` (cached beside the Arrow data, so a second run on the same file and tokenizer
+does not tokenize again).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -33,233 +31,19 @@ from typing import Any, overload
 import torch
 
 from gradaccum.workloads.errors import WorkloadError
+from gradaccum.workloads.files import (
+    BadRecord,
+    check_record,
+    file_sha256,
+    load_records,
+    quiet_datasets,
+    record_location,
+    unreadable,
+)
 
 IGNORE = -100
 Example = tuple[list[int], list[int]]
 """(input_ids, labels): labels equal input_ids where counted, IGNORE elsewhere."""
-
-FORMATS = ("text", "prompt-completion", "messages")
-EXTENSIONS = (".txt", ".jsonl", ".json")
-_KNOWN_FIELDS = "text, prompt+completion or messages"
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def file_sha256(path: str | Path) -> str:
-    """``"sha256:<hex>"`` of a file's bytes, read in chunks (the file may exceed RAM)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def check_data_file(path: str | Path, flag: str = "--data") -> Path:
-    """The path of a usable data file: regular, a known extension, not blank."""
-    from gradaccum.demo.task import regular_file
-
-    regular_file(path, flag, WorkloadError)
-    p = Path(path)
-    if p.suffix.lower() not in EXTENSIONS:
-        raise WorkloadError(f"{flag} {path}: unknown extension {p.suffix!r}; use .txt, .jsonl or .json")
-    if _is_blank(p):
-        raise WorkloadError(f"{flag} {path}: empty file (no examples)")
-    return p
-
-
-def _is_blank(p: Path) -> bool:
-    # Stops at the first non-blank chunk, so a huge file costs one read.
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            if chunk.strip():
-                return False
-    return True
-
-
-def _starts_with_array(p: Path) -> bool:
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            s = chunk.lstrip()
-            if s:
-                return s.startswith(b"[")
-    return False
-
-
-@contextlib.contextmanager
-def _quiet_datasets(progress: bool) -> Iterator[None]:
-    """Silence ``datasets``' own error logging (we raise one line instead); bars optional."""
-    import datasets
-
-    verbosity = datasets.logging.get_verbosity()
-    bars = datasets.is_progress_bar_enabled()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    if not progress:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
-
-
-# -------------------------------------------------------------------------- records
-
-
-def load_records(
-    path: str | Path, flag: str = "--data", cache_dir: str | None = None, progress: bool = True
-) -> tuple[Any, str]:
-    """A data file as a ``datasets.Dataset`` of raw records, and its format (one of FORMATS).
-
-    For ``.txt`` the records are ``{"text": line}`` for the non-empty lines.
-    """
-    import datasets
-
-    p = check_data_file(path, flag)
-    is_txt = p.suffix.lower() == ".txt"
-    with _quiet_datasets(progress):
-        try:
-            ds = datasets.load_dataset(
-                "text" if is_txt else "json", data_files=str(p), split="train", cache_dir=cache_dir
-            )
-        except Exception as e:  # arrow / datasets raise many types; find the line ourselves
-            raise unreadable(p, flag, e) from None
-        if is_txt:
-            ds = ds.filter(lambda r: bool(r["text"].strip()), desc="non-empty lines")
-    if len(ds) == 0:
-        raise WorkloadError(f"{flag} {path}: no examples")
-    if is_txt:
-        return ds, "text"
-    fmt = detect_format(ds.column_names)
-    if fmt is None:
-        raise WorkloadError(
-            f"{flag} {path} {record_location(p, 0)}: a record with none of the fields {_KNOWN_FIELDS} "
-            f"(fields: {', '.join(ds.column_names)})"
-        )
-    return ds, fmt
-
-
-def detect_format(columns: Sequence[str]) -> str | None:
-    """The file's format from its columns (TRL's precedence), or None when none is known."""
-    if "messages" in columns:
-        return "messages"
-    if "prompt" in columns and "completion" in columns:
-        return "prompt-completion"
-    if "text" in columns:
-        return "text"
-    return None
-
-
-def unreadable(p: Path, flag: str, error: BaseException) -> WorkloadError:
-    """The one-line error for a file ``datasets`` could not read or map: its bad line, if found."""
-    where = _locate_problem(p, p.suffix.lower() == ".txt")
-    if where is None:
-        return WorkloadError(f"{flag} {p}: cannot read ({type(error).__name__}: {error})")
-    return WorkloadError(f"{flag} {p} {where}")
-
-
-def _locate_problem(p: Path, is_txt: bool) -> str | None:
-    """``"line N: why"`` for the first bad line or record of a file ``datasets`` refused.
-
-    Only on this error path: two passes over the file, syntax first, then each record
-    against the format the file's fields give (Arrow refuses, say, a field that is a
-    string on one line and a number on another).
-    """
-    fields: set[str] = set()
-    for where, obj in _json_records(p, is_txt):
-        if isinstance(obj, str):
-            return f"{where}: {obj}"
-        fields.update(obj)
-    if is_txt:
-        return None
-    fmt = detect_format(sorted(fields))
-    for i, (where, obj) in enumerate(_json_records(p, is_txt)):
-        try:
-            check_record(obj, fmt or "text", i)  # type: ignore[arg-type]
-        except BadRecord as e:
-            return f"{where}: {e.why}"
-    return None
-
-
-def _json_records(p: Path, is_txt: bool) -> Iterator[tuple[str, dict[str, Any] | str]]:
-    """``(where, record)`` for each record of a file, or ``(where, why)`` for one that is unreadable."""
-    if not is_txt and _starts_with_array(p):
-        try:
-            items = json.loads(p.read_text("utf-8"))
-        except UnicodeDecodeError as e:
-            yield f"byte {e.start}", "not UTF-8 text"
-            return
-        except json.JSONDecodeError as e:
-            yield f"line {e.lineno}", f"malformed JSON ({e.msg})"
-            return
-        for i, item in enumerate(items if isinstance(items, list) else [items]):
-            yield f"record {i + 1}", item if isinstance(item, dict) else "not a JSON object"
-        return
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield f"line {lineno}", f"not UTF-8 text (byte {e.start} of the line)"
-                return
-            if is_txt or not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {lineno}", f"malformed JSON ({e.msg})"
-                return
-            yield f"line {lineno}", obj if isinstance(obj, dict) else "not a JSON object"
-
-
-def record_location(p: Path, index: int) -> str:
-    """Where record ``index`` (0-based, as ``datasets`` numbers them) is: ``line N`` or ``record N``.
-
-    ``datasets`` skips blank lines, so the line number is found by counting the
-    non-blank lines (only on this error path). A JSON array file has no lines per
-    record, so its records are numbered instead.
-    """
-    if p.suffix.lower() != ".txt" and _starts_with_array(p):
-        return f"record {index + 1}"
-    seen = -1
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                seen += 1
-                if seen == index:
-                    return f"line {lineno}"
-    return f"record {index + 1}"
-
-
-class BadRecord(Exception):
-    """Raised inside ``.map`` for record ``index``; turned into a WorkloadError naming the line."""
-
-    def __init__(self, index: int, why: str) -> None:
-        super().__init__(index, why)
-        self.index, self.why = index, why
-
-
-def check_record(record: dict[str, Any], fmt: str, index: int) -> None:
-    """Raise BadRecord unless ``record`` holds the fields of ``fmt`` with the right types."""
-    if all(record.get(k) is None for k in ("text", "prompt", "completion", "messages")):
-        raise BadRecord(index, f"a record with none of the fields {_KNOWN_FIELDS}")
-    if fmt == "text":
-        if not isinstance(record.get("text"), str):
-            raise BadRecord(index, "'text' is missing or not a string (the file's format is text)")
-    elif fmt == "prompt-completion":
-        for key in ("prompt", "completion"):
-            if not isinstance(record.get(key), str):
-                raise BadRecord(
-                    index, f"'{key}' is missing or not a string (the file's format is prompt+completion)"
-                )
-    else:
-        msgs = record.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise BadRecord(index, "'messages' is missing or not a non-empty list")
-        for j, m in enumerate(msgs):
-            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
-                raise BadRecord(index, f"messages[{j}] needs string 'role' and 'content'")
 
 
 def clean_messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -268,26 +52,6 @@ def clean_messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (A template that tests ``message.name is defined`` would otherwise print "None".)
     """
     return [{k: v for k, v in m.items() if v is not None} for m in msgs]
-
-
-def segments(record: dict[str, Any], fmt: str) -> tuple[list[tuple[str, bool]], bool]:
-    """A record as text pieces ``(text, in_loss)`` and whether EOS is in the loss.
-
-    The tokenizer-free rendering used by the character-level demo model: ``messages``
-    become ``"role: content\\n"`` per turn, the assistant's content and newline in the
-    loss (its ``"assistant: "`` header not), EOS counted when the last turn is the
-    assistant's.
-    """
-    if fmt == "text":
-        return [(record["text"], True)], True
-    if fmt == "prompt-completion":
-        return [(record["prompt"], False), (record["completion"], True)], True
-    out: list[tuple[str, bool]] = []
-    msgs = record["messages"]
-    for m in msgs:
-        out.append((f"{m['role']}: ", False))
-        out.append((m["content"] + "\n", m["role"] == "assistant"))
-    return out, msgs[-1]["role"] == "assistant"
 
 
 # ----------------------------------------------------------------------- tokenizing
@@ -459,7 +223,7 @@ def tokenize_file(
             "and the model's tokenizer has none"
         )
     encoder = TokenEncoder(tokenizer, max_length)
-    with _quiet_datasets(progress):
+    with quiet_datasets(progress):
         try:
             tokenized = ds.map(
                 encoder,

@@ -20,19 +20,20 @@ import torch
 from torch import nn
 
 from gradaccum import demo
-from gradaccum.demo.task import BOS, EOS, IGNORE, TASK_MAX_LEN, TASK_TOKENIZER, CharTokenizer, _puzzle
-from gradaccum.workloads.data import (
+from gradaccum.demo.task import BOS, EOS, IGNORE, TASK_MAX_LEN, TASK_TOKENIZER, CharTokenizer, make_puzzle
+from gradaccum.demo.text import text_examples
+from gradaccum.workloads.data import Example
+from gradaccum.workloads.errors import WorkloadError
+from gradaccum.workloads.files import (
     BadRecord,
-    Example,
-    check_data_file,
     check_record,
     file_sha256,
     load_records,
+    read_text_lines,
     record_location,
-    segments,
+    text_lines,
     unreadable,
 )
-from gradaccum.workloads.errors import WorkloadError
 
 TASK_SIZE = 20_000
 """Generated training examples in the default task (several epochs over a default run)."""
@@ -59,7 +60,7 @@ class Puzzle:
 
 
 def puzzle_kind(prompt: str) -> str:
-    """``"reversal"`` (``<abc:``) or ``"addition"`` (``12+34=``), as ``task._puzzle`` makes them."""
+    """``"reversal"`` (``<abc:``) or ``"addition"`` (``12+34=``), as ``task.make_puzzle`` makes them."""
     return "reversal" if prompt.startswith("<") else "addition"
 
 
@@ -88,7 +89,7 @@ def heldout_puzzles(train: Sequence[Example], size: int = EVAL_SIZE, seed: int =
     for _ in range(1000 * size):  # bounded, though in practice ~1.1 draws per puzzle
         if len(out) == size:
             break
-        prompt, answer = _puzzle(rng)
+        prompt, answer = make_puzzle(rng)
         if prompt not in seen:
             seen.add(prompt)
             out.append(Puzzle(prompt, answer))
@@ -138,14 +139,24 @@ def puzzle_accuracy(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int
 # ------------------------------------------------------------ --data at character level
 
 
-def text_lines(path: str | Path, flag: str) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, by ``load_text_examples``' rule."""
-    p = check_data_file(path, flag)
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise WorkloadError(f"{flag} {path}: not UTF-8 text (byte {e.start})") from None
-    return [ln for ln in (s.strip("\r") for s in text.split("\n")) if ln.strip()]
+def segments(record: dict[str, Any], fmt: str) -> tuple[list[tuple[str, bool]], bool]:
+    """A record as text pieces ``(text, in_loss)`` and whether EOS is in the loss.
+
+    The tokenizer-free rendering used by the character-level demo model: ``messages``
+    become ``"role: content\\n"`` per turn, the assistant's content and newline in the
+    loss (its ``"assistant: "`` header not), EOS counted when the last turn is the
+    assistant's.
+    """
+    if fmt == "text":
+        return [(record["text"], True)], True
+    if fmt == "prompt-completion":
+        return [(record["prompt"], False), (record["completion"], True)], True
+    out: list[tuple[str, bool]] = []
+    msgs = record["messages"]
+    for m in msgs:
+        out.append((f"{m['role']}: ", False))
+        out.append((m["content"] + "\n", m["role"] == "assistant"))
+    return out, msgs[-1]["role"] == "assistant"
 
 
 def file_segments(
@@ -248,11 +259,9 @@ def build_demo(
     limit = max_length if max_length is not None else TEXT_MAX_LEN
     if Path(data).suffix.lower() == ".txt":
         # Exactly what `gradaccum train --data FILE.txt` always did (examples, vocab, extra).
-        try:
-            examples, tok = demo.load_text_examples(data, limit)
-        except demo.TextFileError as e:
-            raise WorkloadError(str(e)) from None
-        truncated = sum(len(ln) > limit - 2 for ln in text_lines(data, "--data"))
+        lines = read_text_lines(data, WorkloadError)
+        examples, tok = text_examples(lines, limit)
+        truncated = sum(len(ln) > limit - 2 for ln in lines)
         fmt = "text"
         extra: dict[str, Any] = {"task": "text", "vocab": "".join(tok.alphabet)}
     else:
