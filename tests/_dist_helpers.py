@@ -461,63 +461,84 @@ def scenario_hang(out: Path) -> None:
     print("NO_ERROR", flush=True)
 
 
-def scenario_cli(out: Path, argv: list[str]) -> None:
-    """``gradaccum`` CLI with fault injection (env GA_TEST_FAULT=die:STEP on rank 1)
-    and a guard that fails rank != 0 if it tries to write an output file."""
-    import builtins
+def refuse_writes_under(root: Path, who: str) -> None:
+    """Fail (AssertionError in the caller) whenever this process opens a file under ``root`` for
+    writing, by any route Python takes (open(), os.open, tempfile): an audit hook, which stays
+    for the life of the process."""
+    import os as os_
 
-    from gradaccum import checkpoint, cli, runlog, trainer
+    root_text = os_.path.realpath(root)
+    writing = os_.O_WRONLY | os_.O_RDWR | os_.O_CREAT | os_.O_APPEND | os_.O_TRUNC
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event != "open" or not isinstance(args[0], (str, bytes, os_.PathLike)):
+            return
+        path, mode, flags = args
+        if not ((isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & writing):
+            return
+        full = os_.path.realpath(os_.fsdecode(path))
+        if full == root_text or full.startswith(root_text + os_.sep):
+            raise AssertionError(f"{who} tried to write an output file {full}")
+
+    sys.addaudithook(hook)
+
+
+def scenario_guard_selftest(out: Path) -> None:
+    """The write guard itself: a write under ``out`` by each route must be caught."""
+    import tempfile
+
+    refuse_writes_under(out, "selftest")
+    routes = {"open": lambda: open(out / "a.txt", "w"),  # noqa: SIM115
+              "os.open": lambda: os.open(out / "b.txt", os.O_WRONLY | os.O_CREAT),
+              "tempfile": lambda: tempfile.mkstemp(dir=out)}
+    for name, write in routes.items():
+        try:
+            write()
+        except AssertionError:
+            print(f"CAUGHT {name}", flush=True)
+    print(f"READ {len(os.listdir(out))}", flush=True)  # reading stays allowed
+
+
+def scenario_cli(out: Path, argv: list[str]) -> None:
+    """``gradaccum`` CLI with faults injected through public seams (``GA_TEST_FAULT``), and a
+    guard that fails rank != 0 if it tries to write an output file.
+
+    - ``die:STEP``: rank 1 dies (like SIGKILL) right after step STEP - 1 (its ``on_step``);
+    - ``oom:STEP:SIZE``: every rank takes part in the OOM agreement (``oom_agreement``, which
+      the trainer skips on CPU), and rank 1's loss function runs out of memory on step STEP
+      while the micro-batch is larger than SIZE.
+    """
+    from gradaccum import cli
 
     rank = int(os.environ.get("RANK", "0"))
     fault = os.environ.get("GA_TEST_FAULT", "")
+    options: dict[str, Any] = {}
     if rank != 0:
-        def no_write(*a: Any, **k: Any) -> Any:
-            raise AssertionError(f"rank {rank} tried to write an output file {a[:1]}")
-
-        real_open = builtins.open
-
-        def guarded_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
-            if any(c in mode for c in "wax+"):
-                no_write(file)
-            return real_open(file, mode, *a, **k)
-
-        checkpoint.atomic_write_bytes = no_write  # type: ignore[assignment]
-        trainer.open = guarded_open  # type: ignore[attr-defined]
-        runlog.open = guarded_open  # type: ignore[attr-defined]  # metrics.jsonl is opened there
+        refuse_writes_under(Path(argv[argv.index("--out") + 1]), f"rank {rank}")
         if fault.startswith("die:"):
             at = int(fault.split(":")[1])
-            real_window = trainer.Trainer._run_window
 
-            def dying_window(self: Any, acc: Any, step: int) -> Any:
-                if step + 1 == at:
+            def dying(row: dict[str, Any]) -> None:
+                if row["step"] + 1 == at:
                     os._exit(17)  # like SIGKILL: no clean-up, the sockets just close
-                return real_window(self, acc, step)
 
-            trainer.Trainer._run_window = dying_window  # type: ignore[method-assign]
+            options["on_step"] = dying
     if fault.startswith("oom:"):
-        # Every rank must take part in the OOM agreement, which the trainer skips on CPU
-        # (CPU never raises CUDA's OutOfMemoryError); rank 1 then runs out of memory on
-        # the first micro-batch of step STEP while the micro-batch is larger than SIZE.
-        _, at, size = fault.split(":")
-        trainer._oom_possible = lambda model: True  # type: ignore[attr-defined]
+        _, at_text, size = fault.split(":")
+        options["oom_agreement"] = True
         if rank == 1:
             from gradaccum import demo
 
-            real_loss, calls = demo.loss_fn, {"step": 0}
-            real_run = trainer.Trainer._run_window
-
-            def counting_run(self: Any, acc: Any, step: int) -> Any:
-                calls["step"] = step + 1
-                return real_run(self, acc, step)
+            real_loss, calls = demo.loss_fn, {"step": 1}
+            options["on_step"] = lambda row: calls.update(step=row["step"] + 1)
 
             def oom_loss(model: Any, batch: Any) -> Any:
-                if calls["step"] == int(at) and batch["input_ids"].shape[0] > int(size):
+                if calls["step"] == int(at_text) and batch["input_ids"].shape[0] > int(size):
                     raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
                 return real_loss(model, batch)
 
             demo.loss_fn = oom_loss  # type: ignore[assignment]
-            trainer.Trainer._run_window = counting_run  # type: ignore[method-assign]
-    sys.exit(cli.main(argv))
+    sys.exit(cli.main(argv, trainer_options=options))
 
 
 def main() -> None:
@@ -529,6 +550,7 @@ def main() -> None:
         scenario_cli(out, rest)
     else:
         scenarios = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "hang": scenario_hang,
+                     "guard_selftest": scenario_guard_selftest,
                      "ddp_params": scenario_ddp_params, "mismatch": scenario_mismatch,
                      "noise": scenario_noise}
         scenarios[scenario](out)

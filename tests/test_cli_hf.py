@@ -16,7 +16,8 @@ import hf_fixtures as hx
 import pytest
 import torch
 
-from gradaccum.cli import main, warmup_cosine
+from gradaccum.cli import main
+from gradaccum.schedules import warmup_cosine
 from gradaccum.trainer import stream_indices
 
 PROMPT_WORDS, COMPLETION_WORDS = 2, 3

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gradaccum import trainer
 from gradaccum.cli import main
 
 REL = 1e-5
@@ -134,19 +133,14 @@ def lora_resume(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     d = tmp_path_factory.mktemp("lora_resume")
     full, cut = d / "full", d / "cut"
     assert _train(files, full, "--lora-r", "4", "--checkpoint-every", "1", steps=4) == 0
-    real = trainer.Trainer._run_window
-
-    def dying(self: Any, acc: Any, step: int) -> Any:
-        if step == 2:
+    def dying(row: dict[str, Any]) -> None:
+        if row["step"] == 2:  # after step 2 and its checkpoint: killed during step 3
             raise RuntimeError("killed")
-        return real(self, acc, step)
 
-    trainer.Trainer._run_window = dying  # type: ignore[method-assign]
-    try:
-        with pytest.raises(RuntimeError, match="killed"):
-            _train(files, cut, "--lora-r", "4", "--checkpoint-every", "1", steps=4)
-    finally:
-        trainer.Trainer._run_window = real  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["train", "--model", str(files["llama"]), "--data", str(files["data"]), *RUN, "--steps", "4",
+              "--micro-batch", "4", "--out", str(cut), "--lora-r", "4", "--checkpoint-every", "1"],
+             trainer_options={"on_step": dying})
     assert _ck(cut)["step"] == 2
     return {"full": full, "cut": cut}
 
@@ -238,14 +232,11 @@ def test_fsdp_under_torchrun_equals_one_process(files: dict[str, Path], tmp_path
 
 DIE_AT = """
 import os, sys
-from gradaccum import cli, trainer
-real = trainer.Trainer._run_window
-def dying(self, acc, step):
-    if step == int(sys.argv[1]):
-        os._exit(17)  # every rank, before any collective of that step: a kill after a checkpoint
-    return real(self, acc, step)
-trainer.Trainer._run_window = dying
-sys.exit(cli.main(sys.argv[2:]))
+from gradaccum import cli
+def dying(row):
+    if row["step"] == int(sys.argv[1]):
+        os._exit(17)  # every rank, right after that step's checkpoint: a kill before the next step
+sys.exit(cli.main(sys.argv[2:], trainer_options={"on_step": dying}))
 """
 
 
@@ -388,13 +379,12 @@ def test_fsdp_syncs_every_micro_batch_when_held_gradients_do_not_fit(files: dict
                                                                      tmp_path: Path) -> None:
     """A --memory-budget between the two FSDP2 layouts: said at start-up, and the same run."""
     from gradaccum import memory
-    from gradaccum.cli import _longest, build_parser, load_workload
+    from gradaccum.workloads.prepare import WorkloadSpec, longest_example, prepare_workload
 
-    args = build_parser().parse_args(["train", "--model", str(files["llama"]), "--data", str(files["data"])])
-    work = load_workload(args)
+    work, _ = prepare_workload(WorkloadSpec(model=str(files["llama"]), data=str(files["data"])))
     kw = {"fsdp": True, "world_size": 2, "gradient_checkpointing": False}
-    held = memory.analytic_estimate(work.model, 4, _longest(work), **kw).predicted_peak_bytes
-    every = memory.analytic_estimate(work.model, 4, _longest(work), sync_every_micro_batch=True,
+    held = memory.analytic_estimate(work.model, 4, longest_example(work), **kw).predicted_peak_bytes
+    every = memory.analytic_estimate(work.model, 4, longest_example(work), sync_every_micro_batch=True,
                                      **kw).predicted_peak_bytes
     assert every < held
     single, sharded = tmp_path / "single", tmp_path / "fsdp"

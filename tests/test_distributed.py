@@ -281,6 +281,17 @@ def assert_same_run(got: Path, want: Path) -> None:
     assert (got / "summary.json").is_file() and (got / "loss.png").is_file()
 
 
+def test_the_rank_write_guard_catches_writes(tmp_path: Path) -> None:
+    """The guard the CLI scenarios put on rank != 0 can fail: each way of writing is caught."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, str(dh.HERE / "_dist_helpers.py"), "guard_selftest", str(tmp_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["CAUGHT", "open", "CAUGHT", "os.open", "CAUGHT", "tempfile", "READ", "0"]
+
+
 def test_killed_rank_fails_the_other_then_resume_under_torchrun(
     tmp_path: Path, single_process_run: Path
 ) -> None:

@@ -43,7 +43,6 @@ DEFAULT_MARGIN = 0.10
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-_model_dtype = model_dtype  # the name cli.py imports until it uses model_dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gradaccum import sync
@@ -172,4 +171,4 @@ def named_optimizer_state_dict(
 
 
 def is_rank0() -> bool:
-    return not sync.is_distributed() or dist.get_rank() == 0
+    return sync.rank() == 0

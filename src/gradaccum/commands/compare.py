@@ -1,0 +1,44 @@
+"""``gradaccum compare``: full batch vs accumulated vs mean-of-means vs small batch, one picture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gradaccum import compare, outdir, runlog, sync
+from gradaccum.commands import BadInput, RunFailed, bad_input
+from gradaccum.commands.common import load, workload_spec
+from gradaccum.stream import BatchShape
+
+
+def run(opts: argparse.Namespace) -> int:
+    if sync.world_size() > 1:
+        raise BadInput("compare runs in one process: start it without torchrun")
+    try:
+        BatchShape(opts.effective_batch, opts.micro_batch)
+    except ValueError as e:
+        raise bad_input(e) from None
+    try:
+        out = outdir.check_report_dir(opts.out, (compare.COMPARE_JSON, compare.COMPARE_PNG))
+    except outdir.OutDirError as e:
+        raise BadInput(str(e)) from None
+    work, _ = load(workload_spec(opts, seed=opts.seed, large=False))
+    fits, note = compare.full_batch_fits(work.model, work.dataset, work.loss_fn, work.collate_fn,
+                                         opts.effective_batch, opts.memory_budget)
+    print(f"gradaccum compare: full batch of {opts.effective_batch}: {note}", flush=True)
+    result = compare.run(
+        work.model, work.dataset, work.loss_fn, work.collate_fn, opts.effective_batch, opts.micro_batch,
+        opts.steps, opts.lr, opts.seed, full_fits=fits, full_note=note,
+        progress=lambda name: print(f"gradaccum compare: training '{name}' ...", file=sys.stderr, flush=True),
+    )
+    try:
+        compare.write(result, out)
+    except OSError as e:
+        raise RunFailed(str(runlog.write_error(out, e, "writing compare.json / compare.png"))) from None
+    if opts.json:
+        print(json.dumps(result))
+    else:
+        print(compare.table(result))
+        print(f"gradaccum compare: {out / compare.COMPARE_PNG}, {out / compare.COMPARE_JSON}")
+    return 0

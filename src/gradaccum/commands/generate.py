@@ -1,0 +1,18 @@
+"""``gradaccum generate``: greedy completion from a model directory (e.g. OUT/model)."""
+
+from __future__ import annotations
+
+import argparse
+
+from gradaccum.commands import BadInput
+from gradaccum.generate import generate
+from gradaccum.workloads import WorkloadError
+
+
+def run(opts: argparse.Namespace) -> int:
+    try:
+        text = generate(opts.model, opts.prompt, opts.max_new_tokens)
+    except WorkloadError as e:
+        raise BadInput(str(e)) from None
+    print(text, flush=True)
+    return 0

@@ -1,0 +1,210 @@
+"""``gradaccum train``: check the flags, claim --out, build the workload, plan, train, report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradaccum import outdir, sync
+from gradaccum.adaptive import AdaptiveBatch
+from gradaccum.checkpoint import CheckpointError
+from gradaccum.commands import BadInput, RunFailed, bad_input, planning
+from gradaccum.commands.common import check_large_flags, load, workload_spec
+from gradaccum.outdir import OutDirError
+from gradaccum.runlog import OutputWriteError
+from gradaccum.schedules import warmup_cosine
+from gradaccum.stopping import Stopped
+from gradaccum.stream import BatchShape, check_divides_world, default_micro_batch
+from gradaccum.trainer import Trainer
+from gradaccum.workloads import Workload, WorkloadError, lora
+from gradaccum.workloads.precision import Precision
+from gradaccum.workloads.prepare import WorkloadSpec, shard_workload
+
+DEFAULT_AUTO_MICRO = 8  # --effective-batch auto without --micro-batch: start at 8 x 2 x world
+
+
+def run(opts: argparse.Namespace) -> int:
+    # Flags first (cheap, and each error names its flag), then the output directory,
+    # then the data; nothing is created before all of them passed.
+    try:
+        outdir.check_mode(opts.resume, opts.overwrite)
+    except OutDirError as e:
+        raise BadInput(str(e)) from None
+    check_large_flags(opts, "train")
+    adaptive = _adaptive_batch(opts)
+    _check_batch_flags(opts)
+    try:
+        out = outdir.precheck(opts.out, opts.resume, opts.overwrite)
+    except OutDirError as e:
+        raise BadInput(str(e)) from None
+    spec = workload_spec(opts, seed=opts.seed, with_eval=True)
+    work, precision = load(spec)
+    micro = _micro_batch(opts, spec, work)
+    sync_every = False
+    if spec.fsdp:
+        sync_every = planning.fsdp_syncs_every_micro_batch(spec, work, micro, opts.memory_budget)
+        try:
+            shard_workload(work, precision)
+        except WorkloadError as e:
+            raise BadInput(str(e)) from None
+    trainer = _trainer(opts, spec, work, precision, micro, out, adaptive, sync_every)
+    try:
+        summary = trainer.fit()
+    except (CheckpointError, OutDirError) as e:
+        raise BadInput(str(e)) from None
+    except OutputWriteError as e:
+        raise RunFailed(str(e)) from None
+    except Stopped as e:
+        if sync.rank() == 0:
+            how = (resume_command(opts) if sync.world_size() == 1
+                   else "run the same torchrun command with --resume")
+            print(f"gradaccum train: {e}; resume with: {how}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if sync.rank() == 0:
+        print(f"gradaccum: done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} "
+              f"in {summary['elapsed_s']:.1f}s; outputs in {out}", flush=True)
+        for line in closing_lines(summary):
+            print(f"gradaccum: {line}", flush=True)
+    return 0
+
+
+def _adaptive_batch(opts: argparse.Namespace) -> AdaptiveBatch | None:
+    """--effective-batch auto: the growing batch, and ``opts.effective_batch`` set to its start."""
+    if opts.effective_batch != "auto":
+        return None
+    if opts.micro_batch == "auto" or opts.memory_budget is not None:
+        raise BadInput("--effective-batch auto: give a fixed --micro-batch N (or none), not a memory plan")
+    micro = opts.micro_batch if isinstance(opts.micro_batch, int) else DEFAULT_AUTO_MICRO
+    try:
+        adaptive = AdaptiveBatch(micro_batch=micro, world_size=sync.world_size(),
+                                 max_effective_batch=opts.max_effective_batch)
+    except ValueError as e:
+        raise bad_input(e) from None
+    opts.effective_batch = adaptive.effective_batch
+    return adaptive
+
+
+def _check_batch_flags(opts: argparse.Namespace) -> None:
+    try:
+        check_divides_world(opts.effective_batch, sync.world_size())
+        if isinstance(opts.micro_batch, int):
+            BatchShape(opts.effective_batch, opts.micro_batch, sync.world_size())
+    except ValueError as e:
+        raise bad_input(e) from None
+
+
+def _micro_batch(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload) -> int:
+    """--micro-batch N, or planned (auto, or a --memory-budget alone), or the default."""
+    micro = opts.micro_batch
+    if micro is None and opts.memory_budget is not None:
+        micro = "auto"  # a budget with no micro-batch means: plan it
+    if micro == "auto":
+        from gradaccum import memory
+
+        p = planning.plan(spec, work, opts.effective_batch, opts.memory_budget)
+        if sync.rank() == 0:
+            print(f"gradaccum: --micro-batch auto: {p.micro_batch} (predicted peak "
+                  f"{memory.format_bytes(p.predicted_peak_bytes)} of {memory.format_bytes(p.budget_bytes)})",
+                  flush=True)
+        return int(p.micro_batch)
+    if micro is None:
+        return default_micro_batch(opts.effective_batch // sync.world_size())
+    return int(micro)
+
+
+def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, precision: Precision,
+               adaptive: AdaptiveBatch | None) -> dict[str, Any]:
+    """What defines the run besides steps, lr, batch and seed, keyed by flag (checked on --resume).
+
+    --fsdp and --gradient-checkpointing change nothing but rounding: not part of it, so a
+    checkpoint resumes on another number of ranks, sharded or not.
+    """
+    config = {
+        "--model": "demo" if work.kind == "demo" else work.extra_state.get("model"),
+        "--data": work.fingerprint,
+        "--precision": precision.label,
+        "--max-length": work.info.get("max_length"),
+    }
+    if spec.lora_r is not None:  # only when given: checkpoints of runs without LoRA stay as they were
+        config.update({"--lora-r": spec.lora_r, "--lora-alpha": spec.resolved_lora_alpha})
+    if adaptive is not None:
+        config["--max-effective-batch"] = opts.max_effective_batch
+    return config
+
+
+def _trainer(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, precision: Precision, micro: int,
+             out: Path, adaptive: AdaptiveBatch | None, sync_every: bool) -> Trainer:
+    try:
+        return Trainer(
+            model=work.model, dataset=work.dataset, loss_fn=work.loss_fn, collate_fn=work.collate_fn,
+            effective_batch=opts.effective_batch, micro_batch=micro, steps=opts.steps, lr=opts.lr,
+            seed=opts.seed, scheduler_factory=lambda opt: warmup_cosine(opt, opts.steps),
+            out_dir=out, checkpoint_every=opts.checkpoint_every, resume=opts.resume, overwrite=opts.overwrite,
+            extra_state=work.extra_state, run_config=run_config(opts, spec, work, precision, adaptive),
+            items_name="tokens", grad_dtype=work.grad_dtype, autocast_dtype=precision.autocast,
+            eval_dataset=work.eval_dataset, eval_every=opts.eval_every, measure_noise=not opts.no_noise_scale,
+            adaptive=adaptive, save_model=model_saver(work), final_metrics=final_metrics(work),
+            sync_every_micro_batch=sync_every, **opts.trainer_options,
+        )
+    except ValueError as e:
+        raise bad_input(e) from None
+
+
+def model_saver(work: Workload) -> Any:
+    """OUT/model in save_pretrained form (safetensors weights, or the LoRA adapter alone, and the
+    tokenizer when it has one); ``state_dict``: the full weights gathered from an FSDP2 model."""
+
+    def save(model: Any, target: Path, state_dict: dict[str, Any] | None = None) -> None:
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one bar per shard at every checkpoint is noise
+        try:
+            lora.save_model(model, work.tokenizer, target, state_dict=state_dict)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return save if hasattr(work.model, "save_pretrained") else None
+
+
+def final_metrics(work: Workload) -> Any:
+    if work.accuracy_fn is None:
+        return None
+    accuracy = work.accuracy_fn
+    return lambda model: {"accuracy": accuracy(model)}
+
+
+def closing_lines(summary: dict[str, Any]) -> list[str]:
+    """What the run measured that the user should see: held-out loss and accuracy, and
+    whether the effective batch was far from the measured critical batch."""
+    lines = []
+    if summary.get("final_eval_loss") is not None:
+        lines.append(f"held-out loss {summary['final_eval_loss']:.4f}")
+    if summary.get("accuracy"):
+        acc = ", ".join(f"{kind} {v:.1%}" for kind, v in summary["accuracy"].items())
+        lines.append(f"exact-match accuracy on held-out puzzles: {acc}")
+    critical, batch = summary.get("critical_batch"), summary.get("effective_batch")
+    if critical is not None and batch:
+        ratio = batch / critical
+        if ratio > 2:
+            verdict = ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss "
+                       "with fewer examples, at the price of more optimizer steps")
+        elif ratio < 0.5:
+            verdict = ("well below it: a larger batch (more accumulation steps) would need fewer optimizer "
+                       "steps for the same examples; try --effective-batch auto")
+        else:
+            verdict = "close to it: a good trade between examples and optimizer steps"
+        lines.append(f"the measured critical batch is about {critical:.0f} examples; your effective batch "
+                     f"{batch} is {verdict}")
+    return lines
+
+
+def resume_command(opts: argparse.Namespace) -> str:
+    argv = [a for a in opts.argv if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["gradaccum", *argv])
