@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from gradaccum._grads import GradBuffers
 
 
 def is_distributed() -> bool:
@@ -227,6 +230,97 @@ def collective_device() -> torch.device:
     if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- the Accumulator's window
+def wrapper_reduced(model: nn.Module, reduction: str) -> set[torch.Tensor]:
+    """[distributed] The parameters whose gradients the DDP/FSDP2 wrapper all-reduces."""
+    if reduction == "ddp":
+        # DDP reduces what required grad when it was built, less what it was told to
+        # ignore; we read that now, so build the Accumulator right after DDP. A parameter
+        # unfrozen later is reduced by gradaccum instead.
+        managed = getattr(model, "_module_parameters", None) or list(model.parameters())
+        delayed = getattr(model, "_delay_all_reduce_params", None) or []
+        return {p for p in managed if p.requires_grad} | set(delayed)
+    if reduction == "fsdp":
+        return set(model.parameters())
+    return set()
+
+
+def all_reduce_window_grads(params: list[torch.Tensor], buffers: GradBuffers) -> None:
+    """[distributed] Sum these parameters' window gradients over ranks ourselves.
+
+    Used where no wrapper sync ran (a partial window, an unwrapped model) and for
+    parameters no wrapper reduces (outside the model, or unfrozen after DDP was
+    built). Missing gradients (a rank with no micro-batch in a partial window, an
+    unused parameter) count as zero, so every rank ends with the same gradients.
+    """
+    dtypes = [buffers.dtype if buffers.buffered(p) else p.dtype for p in params]
+    current = [buffers.grad_of(p) for p in params]
+    summed = all_reduce_optional_grads_sum(current, params, dtypes)  # type: ignore[arg-type]
+    for p, old, new in zip(params, current, summed, strict=True):
+        if old is None and new is not None:
+            buffers.set_grad(p, new)
+
+
+def reduce_window(
+    model: nn.Module,
+    reduction: str,
+    synced: bool,
+    params: list[torch.Tensor],
+    extra: list[torch.Tensor],
+    wrapper_params: set[torch.Tensor],
+    buffers: GradBuffers,
+) -> list[torch.Tensor]:
+    """[distributed] Make every rank hold the window's gradient summed over ranks.
+
+    ``synced``: the window's last backward ran the wrapper's sync; ``extra``: the
+    ``params`` not in ``wrapper_params`` (the ones the wrapper does not reduce).
+    Returns the gradients that hold the wrapper's *average* over ranks (DDP/FSDP2
+    after their synced backward): those are divided by items / world_size, the
+    others by items, so all end as the same full-window mean.
+    """
+    averaged: list[torch.Tensor] = []
+    if reduction in ("ddp", "fsdp") and synced:
+        averaged = [g for p in params if p in wrapper_params
+                    for g in (buffers.grad_of(p),) if g is not None]
+        if extra:
+            all_reduce_window_grads(extra, buffers)
+    elif reduction == "fsdp":
+        reduce_fsdp_deferred_grads(model)  # partial window: FSDP2 held them back
+        if extra:
+            all_reduce_window_grads(extra, buffers)
+    elif reduction != "local":
+        all_reduce_window_grads(params, buffers)  # partial window under DDP, or an unwrapped model
+    return averaged
+
+
+class BoundaryVotes(NamedTuple):
+    """How the ranks close one window (sums over ranks; see :func:`agree_on_boundary`)."""
+
+    complete: int
+    """Ranks closing it with a synchronising backward (``micro_step()``'s last, or ``step()``)."""
+    flushing: int
+    """Ranks closing a partial window with ``flush()``."""
+    open_micro: int
+    """Micro-batches open in the window, over all ranks."""
+
+
+def agree_on_boundary(closing_complete: bool, open_micro: int, device: torch.device) -> BoundaryVotes:
+    """[distributed] Every rank says how it closes this window: one 3-number all-reduce.
+
+    A window closes either with a synchronising backward (its last micro-batch in
+    ``micro_step()``, or ``step()``) or with ``flush()``. Their collectives differ,
+    so if one rank does the first while another does the second, the backends fail
+    with a collective mismatch (gloo aborts the process). Asked first, every rank
+    learns of it and can raise the same one-line error instead.
+    """
+    t = torch.tensor(
+        [float(closing_complete), float(not closing_complete), float(open_micro)],
+        dtype=torch.float64, device=device,
+    )
+    complete, flushing, total = all_reduce_sum(t).tolist()
+    return BoundaryVotes(int(complete), int(flushing), int(total))
 
 
 # --------------------------------------------------------------------------- small agreements
