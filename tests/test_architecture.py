@@ -120,3 +120,51 @@ def test_public_names_live_in_init() -> None:
 
     for name in gradaccum.__all__:
         assert hasattr(gradaccum, name), name
+
+
+def _class_made(cls: ast.ClassDef) -> set[str]:
+    """Attributes a class makes in its body (fields, methods, properties) or in __init__/__post_init__."""
+    made = {t.target.id for t in cls.body if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)}
+    made |= {n.id for t in cls.body if isinstance(t, ast.Assign) for n in t.targets
+             if isinstance(n, ast.Name)}
+    made |= {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}  # properties and their setters
+    for f in cls.body:
+        if isinstance(f, ast.FunctionDef) and f.name in ("__init__", "__post_init__"):
+            made |= {a for a, _ in _self_assignments(f)}
+    return made
+
+
+def _self_assignments(f: ast.FunctionDef) -> list[tuple[str, int]]:
+    out = []
+    for node in ast.walk(f):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            out += [(leaf.attr, leaf.lineno) for leaf in ast.walk(t) if isinstance(leaf, ast.Attribute)
+                    and isinstance(leaf.value, ast.Name) and leaf.value.id == "self"]
+    return out
+
+
+def test_no_attribute_is_created_outside_init() -> None:
+    """State has a lifetime: every attribute a method sets was made by the class or its __init__."""
+    classes = {node.name: node for path in _modules(PACKAGE) for node in ast.walk(_tree(path))
+               if isinstance(node, ast.ClassDef)}
+    bad = []
+    for cls in classes.values():
+        made = _class_made(cls).union(*(_class_made(classes[b.id]) for b in cls.bases
+                                        if isinstance(b, ast.Name) and b.id in classes))
+        for f in cls.body:
+            if isinstance(f, ast.FunctionDef) and f.name not in ("__init__", "__post_init__"):
+                bad += [f"{cls.name}.{a} (line {line})" for a, line in _self_assignments(f) if a not in made]
+    assert bad == []
+
+
+def test_every_workload_flag_reaches_the_spec_once() -> None:
+    """The commands read model/data flags through one function (no getattr on flags they lack)."""
+    bad = []
+    for path in _modules(PACKAGE / "commands") + [PACKAGE / "cli.py"]:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                    and isinstance(node.args[0], ast.Name) and node.args[0].id in ("opts", "args"):
+                bad.append(f"{_name(path)}:{node.lineno}")
+    assert bad == []

@@ -166,6 +166,10 @@ CASES = [
          ("--data",), _same_alphabet_other_text),
     Case("resume-no-checkpoint", [*TINY, "--resume", "--out", NEW], ("--resume", "checkpoint")),
     # --resume with malformed checkpoint fields or outputs
+    Case("ck-version-newer", RESUME, ("checkpoint.pt", "version 99", "newer"),
+         _edit_checkpoint(_set("version", value=99))),
+    Case("ck-version-unknown", RESUME, ("checkpoint.pt", "version"),
+         _edit_checkpoint(_set("version", value="2"))),
     Case("ck-step-string", RESUME, ("checkpoint.pt", "step"),
          _edit_checkpoint(_set("step", value="3"))),
     Case("ck-step-negative", RESUME, ("checkpoint.pt", "step"),

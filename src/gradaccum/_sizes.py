@@ -78,6 +78,11 @@ def format_bytes(n: int | float, round_up: bool = False) -> str:
     raise AssertionError("unreachable")
 
 
+def budget_or_default(budget: int | str | None, device: torch.device | str | None = None) -> int:
+    """A given budget (bytes, or a size like "2GiB"), else :func:`default_budget_bytes` of ``device``."""
+    return parse_size(budget) if budget is not None else default_budget_bytes(device)
+
+
 def default_budget_bytes(device: torch.device | str | None = None) -> int:
     """The memory budget used when none is given.
 

@@ -71,7 +71,7 @@ class AdaptiveBatch:
         self.accum_steps = self.start_accum
         if self.effective_batch > self.max_effective_batch:
             raise ValueError(
-                f"--max-effective-batch {self.max_effective_batch} is below the starting effective batch "
+                f"max_effective_batch {self.max_effective_batch} is below the starting effective batch "
                 f"{self.effective_batch} (micro-batch {self.micro_batch} x {self.start_accum} x world size "
                 f"{self.world_size})"
             )

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from gradaccum.errors import one_line
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, unsafe or not gradaccum's."""
@@ -108,8 +110,7 @@ def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
             f"{path}: refused: not a plain weights file (it would run code when unpickled)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({reason[:120]})") from None
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({one_line(e, 120)})") from None
     if not isinstance(obj, dict) or obj.get("format") != "gradaccum" or not set(required) <= set(obj):
         raise CheckpointError(f"{path}: not a gradaccum checkpoint")
     return obj

@@ -33,6 +33,7 @@ from torch import nn
 
 from gradaccum import checkpoint
 from gradaccum.accumulator import Accumulator, LossFn, clip_grads_, total_norm
+from gradaccum.stream import BatchShape, stream_indices
 
 CONTENDERS = ("full", "accumulated", "mean-of-means", "small")
 MAX_GRAD_NORM = 1.0
@@ -57,12 +58,9 @@ class Series:
     params: list[torch.Tensor] | None = None
 
 
-def data_order(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Dataset indices at stream positions [start, start + count): the Trainer's order, so a
-    compare run sees what ``gradaccum train`` would."""
-    from gradaccum.trainer import stream_indices
-
-    return stream_indices(n, seed, start, count)
+data_order = stream_indices
+"""Dataset indices at stream positions [start, start + count): the Trainer's order, so a
+compare run sees what ``gradaccum train`` would."""
 
 
 def full_batch_fits(
@@ -101,11 +99,7 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train every contender from ``model``'s weights; returns compare.json's content."""
-    if effective_batch % micro_batch:
-        raise ValueError(
-            f"--effective-batch {effective_batch} is not divisible by --micro-batch {micro_batch}"
-        )
-    k = effective_batch // micro_batch
+    k = BatchShape(effective_batch, micro_batch).accum_steps
     windows = [
         [dataset[i] for i in data_order(len(dataset), seed, s * effective_batch, effective_batch)]
         for s in range(steps)
@@ -217,7 +211,7 @@ def _small(model: nn.Module, opt: Any, windows: list[list[Any]], loss_fn: LossFn
 def _peak_first(s: Series, windows: list[list[Any]]) -> Any:
     """Yield the windows; the first one runs under a peak-memory tracker (its optimizer
     state is created then, so it is the contender's peak)."""
-    from gradaccum._memprofile import PeakTracker
+    from gradaccum.memory import PeakTracker
 
     on_cuda = torch.cuda.is_available()
     if on_cuda:

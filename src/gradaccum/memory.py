@@ -60,11 +60,13 @@ from gradaccum._memprofile import (  # noqa: F401 - re-exported: the public meas
 )
 from gradaccum._sizes import (  # noqa: F401 - re-exported: sizes and the default budget
     CPU_BUDGET_SHARE,
+    budget_or_default,
     default_budget_bytes,
     format_bytes,
     parse_size,
 )
 from gradaccum._throughput import measure_throughput  # noqa: F401 - re-exported
+from gradaccum.stream import check_divides_world, micro_batch_candidates
 
 
 class BudgetTooSmall(ValueError):
@@ -88,13 +90,8 @@ def candidate_micro_batches(effective_batch: int, world_size: int = 1) -> list[i
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    if effective_batch % world_size:
-        raise ValueError(
-            f"effective batch {effective_batch} is not divisible by world size {world_size}: "
-            "every rank must process the same number of examples per step"
-        )
-    per_rank = effective_batch // world_size
-    return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+    check_divides_world(effective_batch, world_size)
+    return micro_batch_candidates(effective_batch // world_size)
 
 
 @dataclasses.dataclass
@@ -208,7 +205,7 @@ def plan(
         world_size = sync.world_size()
     candidate_micro_batches(effective_batch, world_size)  # validate before any work
     device = model_device(unwrap(model))
-    budget = parse_size(budget_bytes) if budget_bytes is not None else default_budget_bytes(device)
+    budget = budget_or_default(budget_bytes, device)
     if not distributed:
         prof = _profile_for(model, loss_fn, make_batch, optimizer_factory, grad_dtype, measure_sizes,
                             effective_batch, world_size)

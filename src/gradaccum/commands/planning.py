@@ -20,8 +20,7 @@ from gradaccum.workloads.prepare import WorkloadSpec, longest_example
 def budget_bytes(memory_budget: int | None) -> int:
     """``--memory-budget``, or the default (the CUDA device's free memory; half the RAM on CPU);
     the smallest over the ranks (collective)."""
-    budget = memory_budget if memory_budget is not None else memory.default_budget_bytes(device())
-    return sync.min_over_ranks(budget)
+    return sync.min_over_ranks(memory.budget_or_default(memory_budget, device()))
 
 
 def estimate_kwargs(spec: WorkloadSpec, model: Any) -> dict[str, Any]:

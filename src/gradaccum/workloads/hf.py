@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gradaccum import losses
+from gradaccum.errors import one_line
 from gradaccum.workloads.errors import WorkloadError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -28,11 +29,6 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
     "auto": None,  # as saved (config's dtype)
 }
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def check_model_dir(path: str | Path, flag: str = "--model", tokenizer: bool = True) -> Path:
@@ -80,7 +76,7 @@ def load_config(path: str | Path, flag: str = "--model", tokenizer: bool = True)
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # bad JSON, unknown model_type, ...
-        raise WorkloadError(f"{flag} {path}: cannot read config.json ({_one_line(e)})") from None
+        raise WorkloadError(f"{flag} {path}: cannot read config.json ({one_line(e, 300, True)})") from None
     if not is_causal_lm(config):
         archs = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
         raise WorkloadError(
@@ -97,7 +93,7 @@ def load_tokenizer(path: str | Path, flag: str = "--model") -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise WorkloadError(f"{flag} {path}: cannot load the tokenizer ({_one_line(e)})") from None
+        raise WorkloadError(f"{flag} {path}: cannot load the tokenizer ({one_line(e, 300, True)})") from None
 
 
 def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -133,7 +129,7 @@ def load_model(
             str(path), local_files_only=True, dtype="auto" if want is None else want
         )
     except Exception as e:  # no weights file, weights that do not fit the config, ...
-        raise WorkloadError(f"{flag} {path}: cannot load the model ({_one_line(e)})") from None
+        raise WorkloadError(f"{flag} {path}: cannot load the model ({one_line(e, 300, True)})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -160,7 +156,7 @@ def load_config_only(
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=want)
     except Exception as e:
-        why = _one_line(e)
+        why = one_line(e, 300, True)
         raise WorkloadError(f"{flag} {path}: cannot build the model from config.json ({why})") from None
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gradaccum._analytic import projection_names
+from gradaccum.errors import one_line
 from gradaccum.workloads.errors import WorkloadError
 
 LORA_INSTALL = 'pip install "gradaccum[lora]"'
@@ -99,7 +100,7 @@ def apply_lora(
         try:
             wrapped = peft.get_peft_model(model, config)
         except (ValueError, TypeError, RuntimeError) as e:
-            why = _one_line(e)
+            why = one_line(e, 300)
             raise WorkloadError(f"--lora-r: peft cannot wrap {type(model).__name__} ({why})") from None
     if not any(p.requires_grad for p in wrapped.parameters()):
         raise WorkloadError(f"--lora-r: no adapter parameters were created on {type(model).__name__}")
@@ -123,11 +124,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] or type(e).__name__
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
