@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -64,48 +67,10 @@ def run(
 
     base = work.build_model(seed)
     models = {name: common.clone(base) for name in CONTENDERS}
-    opts = {name: common.make_optimizer(m, work.lr) for name, m in models.items()}
-    acc_a, acc_b, acc_n = (
-        ga.Accumulator(models[name], opts[name], accum_steps=k, max_grad_norm=max_grad_norm,
-                       measure_noise=name.endswith("measure_noise"))
-        for name in ("gradaccum micro_step", "gradaccum step()", "gradaccum step(), measure_noise")
-    )
     losses: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-
-    def hand(name: str) -> Callable[[int], None]:
-        def window(r: int) -> None:
-            loss = common.hand_window(
-                models[name], opts[name], windows[r], totals[r], work.loss_sum, max_grad_norm
-            )
-            losses[name].append(loss)
-
-        return window
-
-    def ga_micro(r: int) -> None:
-        losses["gradaccum micro_step"].append(common.gradaccum_window(acc_a, windows[r], work.loss_sum).loss)
-
-    def ga_step(r: int) -> None:
-        losses["gradaccum step()"].append(acc_b.step(windows[r], work.loss_sum).loss)
-
-    def ga_noise(r: int) -> None:
-        losses["gradaccum step(), measure_noise"].append(acc_n.step(windows[r], work.loss_sum).loss)
-
-    fns = dict(
-        zip(CONTENDERS, (hand(CONTENDERS[0]), hand(CONTENDERS[1]), ga_micro, ga_step, ga_noise), strict=True)
-    )
+    fns = _contenders(work, models, losses, windows, totals, k, max_grad_norm)
     times = common.interleave(fns, rounds=rounds, warmup=warmup)
-
-    results = {}
-    for name in CONTENDERS:
-        entry: dict[str, Any] = {"window_ms": common.summary([t * 1e3 for t in times[name]])}
-        if name != "hand":
-            entry["speed_ratio"] = common.summary(common.ratios(times["hand"], times[name]))
-            entry["max_param_diff_vs_hand"] = common.max_param_diff(models["hand"], models[name])
-            entry["rel_update_diff_vs_hand"] = common.rel_update_diff(models["hand"], models[name], base)
-            entry["max_logged_loss_diff_vs_hand"] = max(
-                abs(a - b) for a, b in zip(losses["hand"], losses[name], strict=True)
-            )
-        results[name] = entry
+    results = _results(times, models, losses, base)
     return {
         "benchmark": "overhead",
         "setting": {
@@ -125,6 +90,87 @@ def run(
         "same_parameters": all(e.get("rel_update_diff_vs_hand", 0.0) <= param_tol for e in results.values()),
         "param_tol": param_tol,
     }
+
+
+def _contenders(
+    work: common.Workload,
+    models: dict[str, nn.Module],
+    losses: dict[str, list[float]],
+    windows: Sequence[Sequence[common.Batch]],
+    totals: Sequence[int],
+    k: int,
+    max_grad_norm: float,
+) -> dict[str, Callable[[int], None]]:
+    """One window of each contender, as a function of the round; each logs its loss in ``losses``."""
+    opts = {name: common.make_optimizer(m, work.lr) for name, m in models.items()}
+    acc_a, acc_b, acc_n = (
+        ga.Accumulator(models[name], opts[name], accum_steps=k, max_grad_norm=max_grad_norm,
+                       measure_noise=name.endswith("measure_noise"))
+        for name in ("gradaccum micro_step", "gradaccum step()", "gradaccum step(), measure_noise")
+    )
+
+    def hand(name: str) -> Callable[[int], None]:
+        def window(r: int) -> None:
+            loss = common.hand_window(
+                models[name], opts[name], windows[r], totals[r], work.loss_sum, max_grad_norm
+            )
+            losses[name].append(loss)
+
+        return window
+
+    def ga_micro(r: int) -> None:
+        losses["gradaccum micro_step"].append(common.gradaccum_window(acc_a, windows[r], work.loss_sum).loss)
+
+    def ga_step(r: int) -> None:
+        losses["gradaccum step()"].append(acc_b.step(windows[r], work.loss_sum).loss)
+
+    def ga_noise(r: int) -> None:
+        losses["gradaccum step(), measure_noise"].append(acc_n.step(windows[r], work.loss_sum).loss)
+
+    return dict(
+        zip(CONTENDERS, (hand(CONTENDERS[0]), hand(CONTENDERS[1]), ga_micro, ga_step, ga_noise), strict=True)
+    )
+
+
+def _results(
+    times: dict[str, list[float]],
+    models: dict[str, nn.Module],
+    losses: dict[str, list[float]],
+    base: nn.Module,
+) -> dict[str, Any]:
+    """Window times, speed ratio to the hand loop and how far each copy ended from it."""
+    results = {}
+    for name in CONTENDERS:
+        entry: dict[str, Any] = {"window_ms": common.summary([t * 1e3 for t in times[name]])}
+        if name != "hand":
+            entry["speed_ratio"] = common.summary(common.ratios(times["hand"], times[name]))
+            entry["max_param_diff_vs_hand"] = max_param_diff(models["hand"], models[name])
+            entry["rel_update_diff_vs_hand"] = rel_update_diff(models["hand"], models[name], base)
+            entry["max_logged_loss_diff_vs_hand"] = max(
+                abs(a - b) for a, b in zip(losses["hand"], losses[name], strict=True)
+            )
+        results[name] = entry
+    return results
+
+
+@torch.no_grad()
+def max_param_diff(a: nn.Module, b: nn.Module) -> float:
+    """Largest absolute difference between two models' parameters."""
+    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@torch.no_grad()
+def rel_update_diff(a: nn.Module, b: nn.Module, start: nn.Module) -> float:
+    """||θ_a - θ_b|| / ||θ_a - θ_start||: how much two runs' total updates differ, relatively.
+
+    Adam's first steps move every weight by about ±lr whatever its gradient's size, so
+    a weight whose gradient is ~0 can flip sign on float rounding alone; an absolute
+    bound on single weights is dominated by those, the relative update norm is not.
+    """
+    diff = torch.cat([(p - q).reshape(-1) for p, q in zip(a.parameters(), b.parameters(), strict=True)])
+    moved = torch.cat([(p - q).reshape(-1) for p, q in zip(a.parameters(), start.parameters(), strict=True)])
+    return float(diff.norm() / moved.norm())
+
 
 
 def table(res: dict[str, Any]) -> str:

@@ -24,10 +24,10 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +36,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import gradaccum as ga
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port  # noqa: E402
+
+import gradaccum as ga  # noqa: E402
 
 WORLD = 2
 
@@ -133,12 +136,6 @@ def worker(rank: int, port: int, cfg: dict[str, Any], results: Any) -> None:
         dist.barrier()  # leave together: a group torn down under a peer's feet can abort it
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,9 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import gradaccum as ga
 
@@ -190,12 +188,6 @@ def mlp_workload(d_in: int = 64) -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {
-    "demo": demo_workload,
-    "mlp": mlp_workload,
-    "gpt2": gpt2_workload,
-}
-
 
 # --------------------------------------------------------------------------- the contenders' loops
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -245,59 +237,7 @@ def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-@torch.no_grad()
-def max_param_diff(a: nn.Module, b: nn.Module) -> float:
-    """Largest absolute difference between two models' parameters."""
-    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-
-
-@torch.no_grad()
-def rel_update_diff(a: nn.Module, b: nn.Module, start: nn.Module) -> float:
-    """||θ_a - θ_b|| / ||θ_a - θ_start||: how much two runs' total updates differ, relatively.
-
-    Adam's first steps move every weight by about ±lr whatever its gradient's size, so
-    a weight whose gradient is ~0 can flip sign on float rounding alone; an absolute
-    bound on single weights is dominated by those, the relative update norm is not.
-    """
-    diff = torch.cat([(p - q).reshape(-1) for p, q in zip(a.parameters(), b.parameters(), strict=True)])
-    moved = torch.cat([(p - q).reshape(-1) for p, q in zip(a.parameters(), start.parameters(), strict=True)])
-    return float(diff.norm() / moved.norm())
-
-
-# --------------------------------------------------------------------------- reference gradient
-def to_float64(batch: Batch) -> Batch:
-    """Floating tensors of a (nested) batch in float64; integer tensors untouched."""
-    if isinstance(batch, torch.Tensor):
-        return batch.double() if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: to_float64(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_float64(v) for v in batch)
-    return batch
-
-
-class Reference:
-    """Full-batch float64 gradient of a window, at a model's current parameters."""
-
-    def __init__(self, model: nn.Module, workload: Workload) -> None:
-        self.twin = clone(model).double()
-        self.workload = workload
-
-    def grad(self, params: Sequence[torch.Tensor], window: Sequence[Batch]) -> torch.Tensor:
-        with torch.no_grad():
-            for t, p in zip(self.twin.parameters(), params, strict=True):
-                t.copy_(p)
-        self.twin.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
-        for mb in window:
-            s, n = self.workload.loss_sum(self.twin, to_float64(mb))
-            total = total + s
-            count += int(n)
-        (total / count).backward()
-        return flat_grad(self.twin.parameters())
-
-
+# --------------------------------------------------------------------------- gradients
 def flat_grad(params: Any) -> torch.Tensor:
     """All gradients as one float64 vector (a missing gradient counts as zeros)."""
     return torch.cat(
@@ -312,7 +252,7 @@ def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
     return float((g - ref).norm() / ref.norm())
 
 
-# --------------------------------------------------------------------------- timing and statistics
+# --------------------------------------------------------------------------- timing, statistics, ports
 def cores() -> int:
     """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -365,44 +305,12 @@ def summary(xs: Sequence[float]) -> dict[str, float]:
     return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-# --------------------------------------------------------------------------- memory
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of CPU tensor storage created while the mode is active.
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    Every op's output storage is counted once (views share it) until it is freed;
-    tensors that existed before (the parameters) are not counted. tracemalloc cannot
-    see torch's allocations and RSS keeps freed pages, so this is the honest CPU
-    measure of what training allocates: activations, gradients, optimizer state and
-    temporaries. Ops run by autograd during backward pass through the mode too.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        # torch keeps one Python object per live storage, so id() identifies it until
-        # it is freed, and the finalizer runs exactly when it is freed.
-        key = id(st)
-        if key in self._live or st.nbytes() == 0:
-            return
-        self._live[key] = st.nbytes()
-        self.current += st.nbytes()
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(st, self._free, key)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-                self._track(t)
-        return out
 
 
 # --------------------------------------------------------------------------- docs output

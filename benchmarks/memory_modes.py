@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 128, 352, 4, 8, 2, 512
 SEQ = 128
@@ -243,16 +245,10 @@ def rank_worker(out: Path) -> None:
     distributed.teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_fsdp(timeout: float = 150.0) -> list[dict[str, Any]]:
     """Start WORLD ranks of this script as torchrun would; kill them all at ``timeout``."""
     with tempfile.TemporaryDirectory() as tmp:
-        port = str(_free_port())
+        port = str(free_port())
         procs = []
         for r in range(WORLD):
             env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD),

@@ -50,8 +50,20 @@ class Case:
 
 def _cases(device: torch.device) -> list[Case]:
     big = device.type == "cuda"  # on a GPU, models large enough that kernel workspaces are noise
-    dev = device
+    micro = (1, 2, 4, 8, 16, 32, 64)
+    return [
+        # on CPU the MLP's activations pass AdamW's step temporaries only at a few hundred examples
+        Case("mlp", *_mlp(device, big), micro if big else (1, 2, 4, 16, 64, 256, 512)),
+        Case("gpt2", *_gpt2(device, big), micro if big else (1, 2, 4, 8, 16, 32)),
+        Case("convnet", *_conv(device, big), micro if big else (1, 2, 4, 8, 16, 32)),
+    ]
 
+
+def _class_loss(model: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    return F.cross_entropy(model(b[0]), b[1], reduction="sum"), b[1].numel()
+
+
+def _mlp(dev: torch.device, big: bool) -> tuple[Callable[[], nn.Module], Any, Callable[[int], Any]]:
     d_in, hidden = (1024, 4096) if big else (256, 512)
 
     def mlp() -> nn.Module:
@@ -64,9 +76,10 @@ def _cases(device: torch.device) -> list[Case]:
         g = torch.Generator().manual_seed(n)
         return torch.randn(n, d_in, generator=g).to(dev), torch.randint(0, 10, (n,), generator=g).to(dev)
 
-    def mlp_loss(model: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return F.cross_entropy(model(b[0]), b[1], reduction="sum"), b[1].numel()
+    return mlp, _class_loss, mlp_batch
 
+
+def _gpt2(dev: torch.device, big: bool) -> tuple[Callable[[], nn.Module], Any, Callable[[int], Any]]:
     layers, embd, vocab, seq = (4, 256, 8192, 256) if big else (2, 64, 256, 64)
 
     def gpt2() -> nn.Module:
@@ -94,6 +107,10 @@ def _cases(device: torch.device) -> list[Case]:
     def lm_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return ga.losses.causal_lm(model(input_ids=b["input_ids"]).logits, b["labels"])
 
+    return gpt2, lm_loss, lm_batch
+
+
+def _conv(dev: torch.device, big: bool) -> tuple[Callable[[], nn.Module], Any, Callable[[int], Any]]:
     ch, side = (64, 64) if big else (16, 32)
 
     def conv() -> nn.Module:
@@ -117,13 +134,7 @@ def _cases(device: torch.device) -> list[Case]:
         x = torch.randn(n, 3, side, side, generator=g).to(dev)
         return x, torch.randint(0, 10, (n,), generator=g).to(dev)
 
-    micro = (1, 2, 4, 8, 16, 32, 64)
-    return [
-        # on CPU the MLP's activations pass AdamW's step temporaries only at a few hundred examples
-        Case("mlp", mlp, mlp_loss, mlp_batch, micro if big else (1, 2, 4, 16, 64, 256, 512)),
-        Case("gpt2", gpt2, lm_loss, lm_batch, micro if big else (1, 2, 4, 8, 16, 32)),
-        Case("convnet", conv, mlp_loss, img_batch, micro if big else (1, 2, 4, 8, 16, 32)),
-    ]
+    return conv, _class_loss, img_batch
 
 
 def _pct(got: float, want: float) -> float:
@@ -212,27 +223,7 @@ def run(device: torch.device) -> dict[str, Any]:
                 row["cuda_max_memory_allocated"] = step_peak
                 row["cuda_err_pct"] = _pct(row["predicted_peak_raw"], step_peak)
             prediction.append(row)
-        m, k = 8, 4
-        buffers = prof.grad_bytes + prof.accum_buffer_bytes
-        for shape in ("loop", "step"):
-            single = _window_peak(acc, case, m, 1, device, resident, shape)
-            whole = _window_peak(acc, case, m, k, device, resident, shape)
-            window.append(
-                {
-                    "model": case.name,
-                    "shape": shape,
-                    "micro_batch": m,
-                    "accum_steps": k,
-                    "single_step_peak": single,
-                    "window_peak": whole,
-                    "difference": whole - single,
-                    "accumulation_buffer_bytes": buffers,
-                    "batch_bytes": prof.batch_bytes(m),
-                    "within_buffers": whole - single <= buffers,
-                    "within_buffers_plus_batch": whole - single <= buffers + prof.batch_bytes(m),
-                    "predicted_peak_raw": prof.raw_peak_bytes(m),
-                }
-            )
+        window += _window_rows(acc, case, device, resident, prof)
         del model, acc
         _cleanup(device)
     return {
@@ -243,6 +234,34 @@ def run(device: torch.device) -> dict[str, Any]:
         "prediction": prediction,
         "window": window,
     }
+
+
+def _window_rows(acc: ga.Accumulator, case: Case, device: torch.device, resident: int,
+                 prof: Any) -> list[dict[str, Any]]:
+    """Peak of one optimizer step over k micro-batches against over one, for both loop shapes."""
+    rows = []
+    m, k = 8, 4
+    buffers = prof.grad_bytes + prof.accum_buffer_bytes
+    for shape in ("loop", "step"):
+        single = _window_peak(acc, case, m, 1, device, resident, shape)
+        whole = _window_peak(acc, case, m, k, device, resident, shape)
+        rows.append(
+            {
+                "model": case.name,
+                "shape": shape,
+                "micro_batch": m,
+                "accum_steps": k,
+                "single_step_peak": single,
+                "window_peak": whole,
+                "difference": whole - single,
+                "accumulation_buffer_bytes": buffers,
+                "batch_bytes": prof.batch_bytes(m),
+                "within_buffers": whole - single <= buffers,
+                "within_buffers_plus_batch": whole - single <= buffers + prof.batch_bytes(m),
+                "predicted_peak_raw": prof.raw_peak_bytes(m),
+            }
+        )
+    return rows
 
 
 def _kib(n: int) -> str:

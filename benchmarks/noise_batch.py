@@ -28,7 +28,7 @@ import torch
 import gradaccum as ga
 from gradaccum import demo
 from gradaccum.adaptive import AdaptiveBatch
-from gradaccum.trainer import stream_indices
+from gradaccum.stream import stream_indices
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FIXED = (16, 32, 64, 128, 256, 512)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -42,6 +43,18 @@ def steps_logged(metrics: Path) -> int:
         return 0
 
 
+def watch(proc: subprocess.Popen, metrics: Path, started: float) -> list[dict[str, Any]]:
+    """RSS and the step reached, sampled every second until the process ends."""
+    samples = []
+    while proc.poll() is None:
+        rss = rss_bytes(proc.pid)
+        if rss is not None:
+            step = steps_logged(metrics)
+            samples.append({"t": round(time.monotonic() - started, 2), "step": step, "rss": rss})
+        time.sleep(1.0)
+    return samples
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -56,13 +69,7 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    samples = []
-    while proc.poll() is None:
-        rss = rss_bytes(proc.pid)
-        if rss is not None:
-            step = steps_logged(out / "metrics.jsonl")
-            samples.append({"t": round(time.monotonic() - started, 2), "step": step, "rss": rss})
-        time.sleep(1.0)
+    samples = watch(proc, out / "metrics.jsonl", started)
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
         print(f"train failed ({proc.returncode}): {err.strip()[-2000:]}", file=sys.stderr)

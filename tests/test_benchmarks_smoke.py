@@ -24,6 +24,11 @@ sys.path.insert(0, str(BENCH))
 import bench_overhead  # noqa: E402
 import common  # noqa: E402
 import compare_peers  # noqa: E402
+import peers_gradient_error  # noqa: E402
+import peers_logged_loss  # noqa: E402
+import peers_memory  # noqa: E402
+import peers_report  # noqa: E402
+import peers_speed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +51,7 @@ def test_reference_is_the_plain_full_batch_gradient() -> None:
     work = tiny_mlp()
     model = work.build_model(0)
     window = work.micro_batches(work.make_examples(10, 0), 4)  # sizes 4, 4, 2
-    got = common.Reference(model, work).grad(list(model.parameters()), window)
+    got = peers_gradient_error.Reference(model, work).grad(list(model.parameters()), window)
     # Written out plainly: one concatenated batch, a MEAN loss, float64.
     ref_model = common.clone(model).double()
     x = torch.cat([mb["x"] for mb in window]).double()
@@ -64,7 +69,7 @@ def test_lm_count_matches_causal_lm() -> None:
 
 
 def test_live_tensor_bytes_counts_and_frees() -> None:
-    with common.LiveTensorBytes() as m:
+    with peers_memory.LiveTensorBytes() as m:
         a = torch.zeros(1024)  # 4 KiB
         view = a[:10]
         b = a + 1
@@ -91,58 +96,58 @@ def test_overhead_core_runs_and_copies_agree() -> None:
 @pytest.mark.parametrize("make", [tiny_mlp, tiny_gpt2])
 @pytest.mark.parametrize("peer", ["hand", "gradaccum"])
 def test_exact_contenders_apply_the_full_batch_gradient(make, peer) -> None:
-    r = compare_peers.grad_error(make(), peer, k=2, n_micro=3, micro_batch=3)
+    r = peers_gradient_error.grad_error(make(), peer, k=2, n_micro=3, micro_batch=3)
     assert r["windows"] == [2, 1] and r["steps_taken"] == 2
     assert r["rel_err_full"] < 1e-5 and r["rel_err_partial"] < 1e-5
 
 
 def test_exact_contenders_log_the_same_loss_for_every_k() -> None:
-    res = compare_peers.logged_loss_vs_k(tiny_gpt2(), ["hand", "gradaccum"], [1, 2, 4], 8, 2, 1)
+    res = peers_logged_loss.logged_loss_vs_k(tiny_gpt2(), ["hand", "gradaccum"], [1, 2, 4], 8, 2, 1)
     for peer in ("hand", "gradaccum"):
         assert res[peer]["max_rel_change_vs_k1"] < 1e-6
         assert res[peer]["max_rel_err_vs_exact"] < 1e-6
 
 
 def test_memory_is_measured() -> None:
-    r = compare_peers.memory(tiny_mlp(), "gradaccum", k=2, micro_batch=4, windows=1)
+    r = peers_memory.memory(tiny_mlp(), "gradaccum", k=2, micro_batch=4, windows=1)
     # At least the gradients and AdamW's two moment buffers.
     assert r["peak_mib"] >= 3 * r["params_mib"]
 
 
 def test_demo_workload_builds() -> None:
     work = common.demo_workload()
-    r = compare_peers.grad_error(work, "gradaccum", k=2, n_micro=3, micro_batch=4)
+    r = peers_gradient_error.grad_error(work, "gradaccum", k=2, n_micro=3, micro_batch=4)
     assert r["rel_err_full"] < 1e-5 and r["rel_err_partial"] < 1e-5
 
 
 def test_accelerate_partial_window_is_scaled_by_one_over_k() -> None:
     pytest.importorskip("accelerate")
     work = tiny_mlp()
-    r = compare_peers.grad_error(work, "accelerate", k=4, n_micro=6, micro_batch=4)
+    r = peers_gradient_error.grad_error(work, "accelerate", k=4, n_micro=6, micro_batch=4)
     assert r["steps_taken"] == 2
     assert r["rel_err_full"] < 1e-5  # equal-sized micro-batches: mean-of-means is exact here
     assert r["rel_err_partial"] == pytest.approx(0.5, abs=1e-4)  # 2 micro-batches divided by 4
-    sp = compare_peers.speed(work, k=2, micro_batch=4, rounds=2, warmup=1)
+    sp = peers_speed.speed(work, k=2, micro_batch=4, rounds=2, warmup=1)
     assert sp["accelerate"]["speed_ratio"]["n"] == 2
 
 
 def test_lightning_partial_window_and_logging() -> None:
     pytest.importorskip("lightning")
     work = tiny_mlp()
-    r = compare_peers.grad_error(work, "lightning", k=4, n_micro=6, micro_batch=4)
+    r = peers_gradient_error.grad_error(work, "lightning", k=4, n_micro=6, micro_batch=4)
     assert r["steps_taken"] == 2
     assert r["rel_err_partial"] == pytest.approx(0.5, abs=1e-4)
     examples = work.make_examples(16, 0)
-    logged = compare_peers.logged_losses(work, "lightning", work.build_model(0), examples, 2, 4)
+    logged = peers_logged_loss.logged_losses(work, "lightning", work.build_model(0), examples, 2, 4)
     assert len(logged) == 2  # one value per optimizer step
-    sp = compare_peers.speed(work, k=2, micro_batch=4, rounds=2, warmup=1)
+    sp = peers_speed.speed(work, k=2, micro_batch=4, rounds=2, warmup=1)
     assert sp["lightning"]["speed_ratio"]["n"] == 2
 
 
 def test_run_all_writes_table_json_and_plot(tmp_path: Path) -> None:
     cfg = {"rounds": 1, "warmup": 1, "pretrain_steps": 1, "loss_windows": 1, "mem_windows": 1}
     res = compare_peers.run_all({"mlp": (tiny_mlp(), 2)}, cfg, k=2)
-    table = compare_peers.markdown(res)
+    table = peers_report.markdown(res)
     assert "| mlp (micro-batch 2) | gradaccum |" in table
     md = tmp_path / "benchmarks.md"
     md.write_text("# Benchmarks\n\nprose stays\n")
@@ -153,8 +158,13 @@ def test_run_all_writes_table_json_and_plot(tmp_path: Path) -> None:
     common.merge_json(tmp_path / "b.json", "compare_peers", res)
     common.merge_json(tmp_path / "b.json", "overhead", {"x": 1})
     assert json.loads((tmp_path / "b.json").read_text())["compare_peers"]["setting"]["k"] == 2
-    compare_peers.plot(res, tmp_path / "b.png")
+    peers_report.plot(res, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
+    # The entry point redraws the table and plot from a stored result.
+    common.merge_json(tmp_path / "benchmarks.json", "compare_peers", res)
+    assert compare_peers.main(["--render", "--sections", "peers", "--out", str(tmp_path)]) == 0
+    assert "| mlp (micro-batch 2) | gradaccum |" in (tmp_path / "benchmarks.md").read_text()
+    assert (tmp_path / "benchmarks.png").stat().st_size > 1000
 
 
 def test_hf_trainer_peer_runs_and_both_are_exact(tmp_path: Path) -> None:
