@@ -129,25 +129,18 @@ class _ResizeCounter:
 
     def __enter__(self) -> _ResizeCounter:
         from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
-        from torch.multiprocessing.reductions import StorageWeakRef
 
         tr = self.tracker
 
         def free(tensor: torch.Tensor, _orig: Any = _fsdp_param.free_storage) -> None:
-            ptr = tensor.untyped_storage().data_ptr()
-            entry = tr._live.pop(ptr, None)
-            if entry is not None:
-                tr.live_bytes -= entry[1]
+            tr.forget_storage(tensor.untyped_storage())
             _orig(tensor)
 
         def alloc(tensor: torch.Tensor, _orig: Any = _fsdp_param.alloc_storage) -> None:
             before = tensor.untyped_storage().data_ptr()
             _orig(tensor)
-            st = tensor.untyped_storage()
-            if st.data_ptr() != before and st.data_ptr() != 0 and st.data_ptr() not in tr._live:
-                tr._live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
-                tr.live_bytes += st.nbytes()
-                tr.peak_bytes = max(tr.peak_bytes, tr.live_bytes)
+            if tensor.untyped_storage().data_ptr() != before:
+                tr.track_storage(tensor.untyped_storage())
 
         for mod in (_fsdp_param, _fsdp_param_group):
             for name, fn in (("free_storage", free), ("alloc_storage", alloc)):

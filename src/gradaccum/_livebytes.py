@@ -75,6 +75,20 @@ class PeakTracker(TorchDispatchMode):
         self._sweep()
         return self.live_bytes
 
+    def track_storage(self, storage: Any) -> None:
+        """Count a storage allocated where the dispatcher does not see it (e.g. FSDP2's resize_)."""
+        ptr = storage.data_ptr()
+        if ptr != 0 and ptr not in self._live:
+            self._live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+            self.live_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def forget_storage(self, storage: Any) -> None:
+        """Stop counting a storage freed where the dispatcher does not see it."""
+        entry = self._live.pop(storage.data_ptr(), None)
+        if entry is not None:
+            self.live_bytes -= entry[1]
+
     def is_tracked(self, t: torch.Tensor) -> bool:
         """True when ``t``'s storage was allocated inside the block and is still alive."""
         key = storage_key(t)
