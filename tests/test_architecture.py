@@ -115,6 +115,13 @@ def test_every_collective_lives_in_sync_or_distributed(call: str) -> None:
     assert bad == []
 
 
+def test_ddp_wrapping_lives_in_sync() -> None:
+    bad = [f"{_name(path)}:{node.lineno}" for path in _modules(PACKAGE) if path.name not in COLLECTIVE_MODULES
+           for node in ast.walk(_tree(path))
+           if isinstance(node, ast.Attribute) and node.attr == "DistributedDataParallel"]
+    assert bad == []
+
+
 def test_public_names_live_in_init() -> None:
     import gradaccum
 

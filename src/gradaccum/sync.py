@@ -47,6 +47,14 @@ def is_fsdp2(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
 
 
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` ready for this process group: wrapped in DDP under torch.distributed unless it
+    is already DDP or FSDP2; unchanged on one process."""
+    if world_size() > 1 and not (is_ddp(model) or is_fsdp2(model)):
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
 def grad_reduction(model: nn.Module) -> str:
     """How the gradients of one window reach every rank.
 

@@ -113,8 +113,7 @@ class Trainer(TrainerSettings):
         """
         torch.manual_seed(self.seed)
         random.seed(self.seed)
-        if self.world_size > 1 and not (sync.is_ddp(self.model) or sync.is_fsdp2(self.model)):
-            self.train_model = nn.parallel.DistributedDataParallel(self.model)
+        self.train_model = sync.data_parallel(self.model)
         opt, sched, acc = build_engine(self, self.train_model)
         out = Path(self.out_dir) if self.out_dir is not None else None
         if self.resume and out is None:
