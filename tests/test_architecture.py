@@ -95,8 +95,8 @@ def test_the_library_never_imports_the_front_end() -> None:
 
 def test_the_cli_only_parses_and_dispatches() -> None:
     """cli.py reaches the library only through the commands (and the flag types' helpers)."""
-    allowed = ("gradaccum.commands", "gradaccum.stream", "gradaccum.workloads.precision", "gradaccum.memory",
-               "gradaccum.distributed", "gradaccum")
+    allowed = ("gradaccum.commands", "gradaccum.stream", "gradaccum.adaptive", "gradaccum.memory",
+               "gradaccum.workloads.precision", "gradaccum.distributed", "gradaccum")
     used = {module for module, _, _ in _imports(PACKAGE / "cli.py") if module.startswith("gradaccum")}
     assert used <= set(allowed), used - set(allowed)
 

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 LR_RULES = ("sqrt", "linear")
+DEFAULT_MAX_EFFECTIVE_BATCH = 1024
+"""The largest effective batch ``--effective-batch auto`` grows to unless told otherwise."""
 
 
 def lr_rule_for(optimizer: torch.optim.Optimizer) -> str:
@@ -48,7 +50,7 @@ class AdaptiveBatch:
     """Examples per micro-batch per rank (fixed: memory does not change)."""
     world_size: int = 1
     """Ranks; the effective batch is micro_batch x accum_steps x world_size."""
-    max_effective_batch: int = 1024
+    max_effective_batch: int = DEFAULT_MAX_EFFECTIVE_BATCH
     """Cap on the effective batch (examples)."""
     start_accum: int = 2
     """Micro-batches per window at the start (two: the estimator needs at least two)."""

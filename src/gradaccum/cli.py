@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH
 from gradaccum.commands import BadInput, RunFailed
 from gradaccum.stream import DEFAULT_MICRO_CAP
 from gradaccum.workloads.precision import PRECISIONS
@@ -27,8 +28,9 @@ MAX_EFFECTIVE_BATCH = 2**20  # examples per optimizer step: far beyond any real 
 MAX_STEPS = 10**9
 MAX_SEED = 2**32 - 1
 MAX_REPEATS = 1000
-DEFAULT_MAX_AUTO_BATCH = 1024  # --effective-batch auto grows up to this many examples
 MAX_LORA_R = 65536
+MAX_LR = 1e3  # far above any real learning rate (AdamW ~1e-5..1e-2, large-batch SGD ~10)
+MAX_LORA_ALPHA = 2.0**20  # alpha / r scales the adapters' output: beyond this it only overflows
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,14 +83,24 @@ def _micro(text: str) -> int | str:
 _effective = _micro  # N or "auto"
 
 
-def _lr(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
+def _positive_float(high: float) -> Any:
+    """A positive number up to ``high``: beyond it training can only overflow (float32 weights)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        if v > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
+        return v
+
+    return parse
+
+
+_lr = _positive_float(MAX_LR)
 
 
 def _size(text: str) -> int:
@@ -117,8 +129,9 @@ def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", formatter_class=_HelpFormatter,
                        help="train the built-in demo, or --model DIR on --data FILE, with accumulation")
     _add_common(t, auto=True)
-    t.add_argument("--max-effective-batch", type=_batch_int, default=DEFAULT_MAX_AUTO_BATCH, metavar="N",
-                   help="with --effective-batch auto: the largest effective batch it may grow to")
+    t.add_argument("--max-effective-batch", type=_batch_int, default=None, metavar="N",
+                   help="with --effective-batch auto: the largest effective batch it may grow to "
+                        f"(default: {DEFAULT_MAX_EFFECTIVE_BATCH})")
     t.add_argument("--eval-data", default=None, metavar="FILE",
                    help="held-out data in --data's formats: its exact item-mean loss is logged as eval_loss "
                         "(the demo evaluates on held-out generated puzzles)")
@@ -213,7 +226,7 @@ def _add_large(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=_int_at_least(1, MAX_LORA_R), default=None, metavar="N",
                    help="train rank-N LoRA adapters on every attention and MLP projection (base weights "
                         "frozen, adapters seeded by --seed, dropout 0); OUT/model holds the adapter")
-    p.add_argument("--lora-alpha", type=_lr, default=None, metavar="F",
+    p.add_argument("--lora-alpha", type=_positive_float(MAX_LORA_ALPHA), default=None, metavar="F",
                    help="LoRA scaling numerator (default: 2 x --lora-r)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer state over the torchrun ranks with FSDP2 "

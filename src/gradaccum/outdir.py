@@ -328,11 +328,8 @@ def short(text: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def prepare(out: Path, overwrite: bool) -> None:
-    """Once claimed: the old run's outputs gone (``overwrite``), and temporary files a killed
-    save left beside the outputs."""
+def prepare(out: Path) -> None:
+    """Once claimed: the temporary files a killed save left beside the outputs go."""
     from gradaccum import checkpoint
 
-    if overwrite:
-        clear_outputs(out)
     checkpoint.remove_stale_temps(out, (*OUTPUTS, MODEL_DIR))

@@ -194,6 +194,9 @@ def check_defining(run: Any, spec: RunSpec, path: Path, bad: Bad) -> None:
         raise bad("'run' is not a dict")
     keep = "a resumed run keeps the flags that define it (or start afresh with --overwrite)"
     for key, value in spec.defining.items():
+        if key not in run and value is not None:  # e.g. --lora-r given now, not then
+            raise CheckpointError(f"--resume: {key} {_brief(value)} is given now but {path} was made "
+                                  f"without it; {keep}")
         if key in run and run[key] != value:
             was = _brief(run[key])
             raise CheckpointError(f"--resume: {key} {_brief(value)} differs from {was} in {path}; {keep}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -160,14 +160,23 @@ def legacy_rows_upto(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends one JSON line per step to metrics.jsonl, flushed at once."""
+    """Appends one JSON line per step to metrics.jsonl, flushed at once.
 
-    def __init__(self, path: Path) -> None:
+    The file is opened at the first row, after ``before_first()`` (``--overwrite`` removes the
+    old run's outputs there: only once the new run has taken its first step).
+    """
+
+    def __init__(self, path: Path, before_first: Callable[[], None] | None = None) -> None:
         self.path = path
-        self.file: TextIO | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.before_first = before_first
+        self.file: TextIO | None = None
 
     def write(self, row: dict[str, Any]) -> None:
-        assert self.file is not None
+        if self.file is None:
+            if self.before_first is not None:
+                self.before_first()
+                self.before_first = None
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self.file.write(_dumps(row) + "\n")
         self.file.flush()
 

@@ -136,10 +136,11 @@ class Trainer(TrainerSettings):
 
     def _prepare_outputs(self, out: Path) -> None:
         try:
-            outdir.prepare(out, self.overwrite)
-            # The checkpoint is the truth: metrics.jsonl gets exactly its steps 1..start,
-            # whatever a kill (or anything else) left in the file.
-            runlog.write_metrics(out / METRICS, self.history.rows())
+            outdir.prepare(out)
+            if self.resume:
+                # The checkpoint is the truth: metrics.jsonl gets exactly its steps 1..start,
+                # whatever a kill (or anything else) left in the file.
+                runlog.write_metrics(out / METRICS, self.history.rows())
         except OSError as e:
             raise runlog.run_write_error(out / METRICS, e, self.run.last_saved,
                                          "preparing the output directory") from None
@@ -182,10 +183,9 @@ class Trainer(TrainerSettings):
     def _open_log(self, out: Path | None) -> runlog.MetricsLog | None:
         if out is None or self.rank != 0:
             return None
-        try:
-            return runlog.MetricsLog(out / METRICS)
-        except OSError as e:
-            raise runlog.run_write_error(out / METRICS, e, self.run.last_saved, "opening it") from None
+        # --overwrite: the old run stays whole until this one has taken its first step.
+        replace_old = (lambda: outdir.clear_outputs(out)) if self.overwrite else None
+        return runlog.MetricsLog(out / METRICS, replace_old)
 
     def _record(self, row: dict[str, Any], log: runlog.MetricsLog | None, out: Path | None) -> None:
         self.history.append(row)

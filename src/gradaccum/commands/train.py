@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gradaccum import outdir, sync
-from gradaccum.adaptive import AdaptiveBatch
+from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH, AdaptiveBatch
 from gradaccum.checkpoint import CheckpointError
 from gradaccum.commands import BadInput, RunFailed, bad_input, planning
 from gradaccum.commands.common import check_large_flags, load, workload_spec
@@ -34,6 +34,7 @@ def run(opts: argparse.Namespace) -> int:
     except OutDirError as e:
         raise BadInput(str(e)) from None
     check_large_flags(opts, "train")
+    _check_flag_pairs(opts)
     adaptive = _adaptive_batch(opts)
     _check_batch_flags(opts)
     try:
@@ -63,6 +64,9 @@ def run(opts: argparse.Namespace) -> int:
                    else "run the same torchrun command with --resume")
             print(f"gradaccum train: {e}; resume with: {how}", file=sys.stderr, flush=True)
         return e.exit_code
+    if summary["first_loss"] is None and sync.rank() == 0:
+        raise RunFailed(f"all {opts.steps} steps were skipped (non-finite gradients, or no loss tokens): the "
+                        f"weights did not change; check --lr, --lora-alpha and the data (outputs in {out})")
     if sync.rank() == 0:
         print(f"gradaccum: done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} "
               f"in {summary['elapsed_s']:.1f}s; outputs in {out}", flush=True)
@@ -80,11 +84,20 @@ def _adaptive_batch(opts: argparse.Namespace) -> AdaptiveBatch | None:
     micro = opts.micro_batch if isinstance(opts.micro_batch, int) else DEFAULT_AUTO_MICRO
     try:
         adaptive = AdaptiveBatch(micro_batch=micro, world_size=sync.world_size(),
-                                 max_effective_batch=opts.max_effective_batch)
+                                 max_effective_batch=opts.max_effective_batch or DEFAULT_MAX_EFFECTIVE_BATCH)
     except ValueError as e:
         raise bad_input(e) from None
     opts.effective_batch = adaptive.effective_batch
     return adaptive
+
+
+def _check_flag_pairs(opts: argparse.Namespace) -> None:
+    """Flags that only mean something with another flag: refused alone, not silently ignored."""
+    if opts.max_effective_batch is not None and opts.effective_batch != "auto":
+        raise BadInput("--max-effective-batch: only with --effective-batch auto (it caps the growing batch)")
+    has_eval = opts.eval_data is not None or (opts.model == "demo" and opts.data is None)
+    if opts.eval_every is not None and not has_eval:
+        raise BadInput("--eval-every: only with --eval-data FILE (there is nothing to evaluate on)")
 
 
 def _check_batch_flags(opts: argparse.Namespace) -> None:
@@ -131,7 +144,7 @@ def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, pre
     if spec.lora_r is not None:  # only when given: checkpoints of runs without LoRA stay as they were
         config.update({"--lora-r": spec.lora_r, "--lora-alpha": spec.resolved_lora_alpha})
     if adaptive is not None:
-        config["--max-effective-batch"] = opts.max_effective_batch
+        config["--max-effective-batch"] = adaptive.max_effective_batch
     return config
 
 
@@ -188,7 +201,9 @@ def closing_lines(summary: dict[str, Any]) -> list[str]:
         acc = ", ".join(f"{kind} {v:.1%}" for kind, v in summary["accuracy"].items())
         lines.append(f"exact-match accuracy on held-out puzzles: {acc}")
     critical, batch = summary.get("critical_batch"), summary.get("effective_batch")
-    if critical is not None and batch:
+    if critical is not None and batch and not critical > 0:
+        lines.append("the measured gradient noise is too small to estimate a critical batch")
+    elif critical is not None and batch:
         ratio = batch / critical
         if ratio > 2:
             verdict = ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss "
