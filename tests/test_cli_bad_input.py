@@ -158,7 +158,7 @@ CASES = [
     Case("overwrite-plot-is-a-dir", [*TINY, "--data", DATA, "--overwrite", "--out", R], ("loss.png",),
          _plot_dir),
     # --resume with a changed run
-    Case("resume-other-steps", ["--steps", "5", *TINY[2:], "--data", DATA, "--resume", "--out", R],
+    Case("resume-fewer-steps", ["--steps", "2", *TINY[2:], "--data", DATA, "--resume", "--out", R],
          ("--steps",)),
     Case("resume-other-lr", [*TINY, "--lr", "0.01", "--data", DATA, "--resume", "--out", R], ("--lr",)),
     Case("resume-other-seed", [*TINY, "--seed", "3", "--data", DATA, "--resume", "--out", R], ("--seed",)),

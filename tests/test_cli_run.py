@@ -279,3 +279,26 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, capsys)
     codes = [p.wait(timeout=180) for p in resumed]
     assert codes == [0, 0], [p.stderr.read() for p in resumed]
     assert [r["step"] for r in _rows(out)] == list(range(1, 41))
+
+
+def test_resume_with_more_steps_extends_a_finished_run(tmp_path, capsys):
+    """--steps may grow on --resume (extending a run): one line says so, the schedule spans the new
+    total from the current step, summary.json records it; fewer steps stay refused."""
+    import json
+    import math
+
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", *TINY[2:], "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--steps", "5", *TINY[2:], "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--steps 5 extends the run from 3 steps" in err and "from step 3" in err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["extended_from_steps"] == 3 and summary["steps"] == 5
+    # the warm-up + cosine schedule now spans 5 steps: step 4 runs at its factor for step index 3
+    warm = 1  # max(1, min(20, 5 // 10))
+    factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (3 - warm) / (5 - warm)))
+    assert rows[3]["lr"] == pytest.approx(3e-3 * factor, rel=1e-12)
+    assert main(["train", "--steps", "4", *TINY[2:], "--out", str(out), "--resume"]) == 2

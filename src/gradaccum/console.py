@@ -29,6 +29,10 @@ class Console:
         if self.speaks:
             print(f"gradaccum: {text}", file=sys.stderr, flush=True)
 
+    def extended(self, old_steps: int, step: int) -> None:
+        self.say(f"--steps {self.steps} extends the run from {old_steps} steps: the learning-rate schedule "
+                 f"now spans {self.steps} steps, from step {step}")
+
     def open(self, start: int) -> None:
         if self.show_bar:
             from tqdm.auto import tqdm

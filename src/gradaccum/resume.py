@@ -44,6 +44,8 @@ class RunSpec:
     """The run's target; a checkpoint beyond it is refused."""
     extra: dict[str, Any]
     """Plain data the caller saved (e.g. the vocabulary): must match."""
+    may_grow: tuple[str, ...] = ()
+    """Keys of ``defining`` whose value may grow on resume (``--steps``: extending a run)."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class RunState:
     """Every metrics row so far (the checkpoint rebuilds metrics.jsonl from it)."""
     last_saved: int | None = None
     """The step of the last checkpoint on disk (named when a later write fails)."""
+    grown: dict[str, Any] = field(default_factory=dict)
+    """On resume: the ``may_grow`` values the checkpoint had, where this run asks for more."""
 
 
 # --------------------------------------------------------------------------- save
@@ -147,7 +151,7 @@ def load(path: Path, spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer
 
     check_version(ck, path)
     step = check_step(ck["step"], spec, bad)
-    check_defining(ck.get("run"), spec, path, bad)
+    grown = check_defining(ck.get("run"), spec, path, bad)
     position = check_data_order(ck["data"], spec, step, path, bad)
     if adaptive is not None:
         try:
@@ -167,7 +171,7 @@ def load(path: Path, spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer
     check_accumulator_state(ck["accumulator"], bad)
     load_weights(ck, model, opt, sched, acc, path)
     restore_rng(ck["rng"], bad)
-    return RunState(step, position, float(elapsed), history, last_saved=step)
+    return RunState(step, position, float(elapsed), history, last_saved=step, grown=grown)
 
 
 def check_version(ck: dict[str, Any], path: Path) -> None:
@@ -186,23 +190,34 @@ def check_step(step: Any, spec: RunSpec, bad: Bad) -> int:
     return step
 
 
-def check_defining(run: Any, spec: RunSpec, path: Path, bad: Bad) -> None:
-    """Everything that defines the run must be as it was (named by the caller's key)."""
+def check_defining(run: Any, spec: RunSpec, path: Path, bad: Bad) -> dict[str, Any]:
+    """Everything that defines the run must be as it was (named by the caller's key), except that
+    a ``may_grow`` number may grow; returns those that grew, with their old values."""
     if run is None:
-        return
+        return {}
     if not isinstance(run, dict):
         raise bad("'run' is not a dict")
     keep = "a resumed run keeps the flags that define it (or start afresh with --overwrite)"
+    grown = {}
     for key, value in spec.defining.items():
         if key not in run and value is not None:  # e.g. --lora-r given now, not then
             raise CheckpointError(f"--resume: {key} {_brief(value)} is given now but {path} was made "
                                   f"without it; {keep}")
         if key in run and run[key] != value:
+            if key in spec.may_grow and _grows(run[key], value):
+                grown[key] = run[key]
+                continue
             was = _brief(run[key])
             raise CheckpointError(f"--resume: {key} {_brief(value)} differs from {was} in {path}; {keep}")
     for key, value in run.items():
         if key not in spec.defining and value is not None:  # e.g. --lora-r given then, not now
             raise CheckpointError(f"--resume: {key} {_brief(value)} in {path} is not given now; {keep}")
+    return grown
+
+
+def _grows(old: Any, new: Any) -> bool:
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new))
+    return numbers and new > old
 
 
 def check_data_order(data: Any, spec: RunSpec, step: int, path: Path, bad: Bad) -> int:

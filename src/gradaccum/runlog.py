@@ -240,7 +240,7 @@ class RowMaker:
 
 
 def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_seen: int,
-              auto_batch: bool) -> dict[str, Any]:
+              auto_batch: bool, extended_from: int | None = None) -> dict[str, Any]:
     """summary.json's numbers from the run's rows (the caller adds its own keys)."""
     losses = [r["loss"] for r in rows if not r.get("skipped")]
     evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
@@ -261,6 +261,7 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
         "critical_batch": critical[-1] if critical else None,
         "noise_scale": next((r["noise_scale"] for r in reversed(rows) if r.get("noise_scale")), None),
         "effective_batch_auto": auto_batch,
+        **({"extended_from_steps": extended_from} if extended_from is not None else {}),
     }
 
 

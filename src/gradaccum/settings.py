@@ -6,6 +6,7 @@ are the constructor's arguments, one docstring each; ``Trainer`` adds the behavi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradaccum import outdir
 from gradaccum.accumulator import LossFn
 from gradaccum.adaptive import AdaptiveBatch
 
@@ -102,3 +104,15 @@ class TrainerSettings:
     """Under torch.distributed: whether the ranks agree before each window's synchronising
     micro-batch that none ran out of memory (so all replay together). None: only on CUDA,
     the only device that raises OutOfMemoryError."""
+
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot be (the Trainer calls it first)."""
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if len(self.dataset) == 0:
+            raise ValueError("the dataset is empty")
+        outdir.check_mode(self.resume, self.overwrite)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +31,7 @@ from gradaccum.console import Console
 from gradaccum.evaluation import evaluate_loss
 from gradaccum.outdir import CHECKPOINT, METRICS, MODEL_DIR, PLOT, SUMMARY, OutDirError
 from gradaccum.runlog import OutputWriteError, plot_losses
+from gradaccum.schedules import recompute_current_lr
 from gradaccum.settings import TrainerSettings
 from gradaccum.stopping import Stopped, StopSignals
 from gradaccum.stream import BatchShape, next_smaller_micro_batch, rank_indices, stream_indices
@@ -50,17 +50,9 @@ class Trainer(TrainerSettings):
     The arguments are :class:`~gradaccum.settings.TrainerSettings`' fields."""
 
     def __post_init__(self) -> None:
+        self.check()
         self.rank = sync.rank()
         self.world_size = sync.world_size()
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if len(self.dataset) == 0:
-            raise ValueError("the dataset is empty")
-        outdir.check_mode(self.resume, self.overwrite)
         if self.adaptive is not None:
             self.effective_batch = self.adaptive.effective_batch
         self.shape = BatchShape(self.effective_batch, self.micro_batch, self.world_size)
@@ -294,7 +286,8 @@ class Trainer(TrainerSettings):
 
     def _spec(self) -> resume.RunSpec:
         start_batch = self.adaptive.start_batch if self.adaptive is not None else self.effective_batch
-        return resume.RunSpec(self.defining_config(), self.seed, start_batch, self.steps, self.extra_state)
+        return resume.RunSpec(self.defining_config(), self.seed, start_batch, self.steps, self.extra_state,
+                              may_grow=("--steps",))
 
     def _save(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> None:
         model, step = self._unwrapped(), self.run.step
@@ -318,6 +311,9 @@ class Trainer(TrainerSettings):
 
     def _restore(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> None:
         self.run = resume.load(path, self._spec(), self._unwrapped(), opt, sched, acc, self.adaptive)
+        if "--steps" in self.run.grown:  # extending a finished (or running) run
+            self.console.extended(self.run.grown["--steps"], self.run.step)
+            recompute_current_lr(sched)
         if self.adaptive is not None:
             self._set_shape(BatchShape(self.adaptive.effective_batch, self.micro_batch, self.world_size), acc)
 
@@ -329,7 +325,8 @@ class Trainer(TrainerSettings):
         if self.final_metrics is not None and self.rank == 0 and not sync.is_fsdp2(self._unwrapped()):
             extra = self.final_metrics(self._unwrapped())
         summary = {
-            **runlog.summarize(rows, self.steps, self.shape, self.run.position, self.adaptive is not None),
+            **runlog.summarize(rows, self.steps, self.shape, self.run.position, self.adaptive is not None,
+                              self.run.grown.get("--steps")),
             **extra,
             "outputs": [METRICS, CHECKPOINT, SUMMARY, PLOT] + ([MODEL_DIR] if self.save_model else []),
         }
