@@ -18,17 +18,25 @@ from typing import Any, NoReturn
 
 from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH
 from gradaccum.commands import BadInput, RunFailed
+from gradaccum.commands.defaults import (
+    DEFAULT_LR,
+    DEFAULT_LR_FULL,
+    DEFAULT_LR_LORA,
+    DEFAULT_MAX_GRAD_NORM,
+    DEFAULT_STEPS,
+    DEFAULT_WEIGHT_DECAY,
+    MAX_STEPS,
+    SCHEDULES,
+)
 from gradaccum.stream import DEFAULT_MICRO_CAP
 from gradaccum.workloads.precision import PRECISIONS
 
 DEFAULT_OUT = "runs/gradaccum"
-DEFAULT_STEPS = 600
-DEFAULT_LR = 3e-3
 MAX_EFFECTIVE_BATCH = 2**20  # examples per optimizer step: far beyond any real run, refused up front
-MAX_STEPS = 10**9
 MAX_SEED = 2**32 - 1
 MAX_REPEATS = 1000
 MAX_LORA_R = 65536
+MAX_EPOCHS = 1e6
 MAX_LR = 1e3  # far above any real learning rate (AdamW ~1e-5..1e-2, large-batch SGD ~10)
 MAX_LORA_ALPHA = 2.0**20  # alpha / r scales the adapters' output: beyond this it only overflows
 
@@ -83,16 +91,17 @@ def _micro(text: str) -> int | str:
 _effective = _micro  # N or "auto"
 
 
-def _positive_float(high: float) -> Any:
-    """A positive number up to ``high``: beyond it training can only overflow (float32 weights)."""
+def _positive_float(high: float, zero: bool = False) -> Any:
+    """A positive number (or 0, with ``zero``) up to ``high``: beyond it training can only overflow."""
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        if not (math.isfinite(v) and (v > 0 or (zero and v == 0))):
+            raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero else 'positive'} number, "
+                                             f"got {text}")
         if v > high:
             raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
         return v
@@ -101,6 +110,15 @@ def _positive_float(high: float) -> Any:
 
 
 _lr = _positive_float(MAX_LR)
+_non_negative_float = _positive_float(1e6, zero=True)
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    v = _non_negative_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return v
 
 
 def _size(text: str) -> int:
@@ -143,10 +161,7 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--micro-batch", type=_micro, default=None, metavar="N|auto",
                    help="examples per forward/backward (default: the largest divisor of the per-rank "
                         f"batch up to {DEFAULT_MICRO_CAP}; auto: plan it from --memory-budget)")
-    t.add_argument("--steps", type=_int_at_least(1, MAX_STEPS), default=DEFAULT_STEPS, metavar="N",
-                   help="optimizer steps in the whole run")
-    t.add_argument("--lr", type=_lr, default=DEFAULT_LR, metavar="F",
-                   help="peak learning rate (AdamW, linear warm-up then cosine decay)")
+    _add_schedule(t)
     t.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, metavar="N",
                    help="seeds data order and initialisation")
     t.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output directory")
@@ -156,6 +171,28 @@ def _add_train(sub: Any) -> None:
                    help="replace the run already in --out (without it, such an --out is refused)")
     t.add_argument("--checkpoint-every", type=_non_negative_int, default=50, metavar="N",
                    help="save a checkpoint every N steps (0: only at the end; always on SIGTERM/SIGINT)")
+
+
+def _add_schedule(t: argparse.ArgumentParser) -> None:
+    """How long and how fast: steps or epochs, the learning rate and its schedule, the optimizer."""
+    t.add_argument("--steps", type=_int_at_least(1, MAX_STEPS), default=None, metavar="N",
+                   help=f"optimizer steps in the whole run (default: {DEFAULT_STEPS}); or give --epochs")
+    t.add_argument("--epochs", type=_positive_float(MAX_EPOCHS), default=None, metavar="F",
+                   help="passes over --data instead of --steps: steps = ceil(F x examples / effective batch)")
+    t.add_argument("--lr", type=_lr, default=None, metavar="F",
+                   help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g}); with --model DIR the default "
+                        f"is {DEFAULT_LR_FULL:g}, or {DEFAULT_LR_LORA:g} with --lora-r")
+    t.add_argument("--lr-scheduler", choices=SCHEDULES, default="cosine",
+                   help="after the linear warm-up: cosine decay to 10%% of the peak, linear decay to 0, or "
+                        "constant")
+    t.add_argument("--warmup-steps", type=_non_negative_int, default=None, metavar="N",
+                   help="linear warm-up steps (default: a tenth of the run, between 1 and 20)")
+    t.add_argument("--warmup-ratio", type=_fraction, default=None, metavar="F",
+                   help="warm-up as a fraction of the run's steps (instead of --warmup-steps)")
+    t.add_argument("--weight-decay", type=_fraction, default=DEFAULT_WEIGHT_DECAY, metavar="F",
+                   help="AdamW's decoupled weight decay")
+    t.add_argument("--max-grad-norm", type=_non_negative_float, default=DEFAULT_MAX_GRAD_NORM, metavar="F",
+                   help="clip the accumulated gradient's L2 norm to F (0: no clipping)")
 
 
 def _add_plan(sub: Any) -> None:

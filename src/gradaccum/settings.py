@@ -43,7 +43,7 @@ class TrainerSettings:
     lr: float = 1e-3
     """Learning rate given to the default optimizer and the schedule."""
     optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
-    """``params -> optimizer``; default AdamW(lr, weight_decay=0.01)."""
+    """``params -> optimizer``; default AdamW(lr, weight_decay)."""
     scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None = None
     """``optimizer -> scheduler`` stepped once per optimizer step; default none (constant lr)."""
     collate_fn: Callable[[list[Any]], Any] = default_collate
@@ -105,12 +105,17 @@ class TrainerSettings:
     micro-batch that none ran out of memory (so all replay together). None: only on CUDA,
     the only device that raises OutOfMemoryError."""
 
+    weight_decay: float = 0.01
+    """The default AdamW's decoupled weight decay."""
+
     def check(self) -> None:
         """ValueError naming the first setting that cannot be (the Trainer calls it first)."""
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if len(self.dataset) == 0:

@@ -348,7 +348,7 @@ def build_engine(settings: TrainerSettings, model: nn.Module
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    opt = (settings.optimizer_factory or _adamw(settings.lr))(params)
+    opt = (settings.optimizer_factory or _adamw(settings.lr, settings.weight_decay))(params)
     sched = settings.scheduler_factory(opt) if settings.scheduler_factory else None
     if settings.adaptive is not None:
         settings.adaptive.lr_rule = lr_rule_for(opt)  # sqrt for Adam-family, linear for SGD
@@ -365,8 +365,8 @@ def build_engine(settings: TrainerSettings, model: nn.Module
     return opt, sched, acc
 
 
-def _adamw(lr: float) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+def _adamw(lr: float, weight_decay: float) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _device_type(model: nn.Module) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -13,9 +14,16 @@ from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH, AdaptiveBatch
 from gradaccum.checkpoint import CheckpointError
 from gradaccum.commands import BadInput, RunFailed, bad_input, planning
 from gradaccum.commands.common import check_large_flags, load, workload_spec
+from gradaccum.commands.defaults import (
+    DEFAULT_MAX_GRAD_NORM,
+    DEFAULT_STEPS,
+    DEFAULT_WEIGHT_DECAY,
+    MAX_STEPS,
+    default_lr,
+)
 from gradaccum.outdir import OutDirError
 from gradaccum.runlog import OutputWriteError
-from gradaccum.schedules import warmup_cosine
+from gradaccum.schedules import default_warmup, warmup_then
 from gradaccum.stopping import Stopped
 from gradaccum.stream import BatchShape, check_divides_world, default_micro_batch
 from gradaccum.trainer import Trainer
@@ -35,6 +43,7 @@ def run(opts: argparse.Namespace) -> int:
         raise BadInput(str(e)) from None
     check_large_flags(opts, "train")
     _check_flag_pairs(opts)
+    _check_schedule_flags(opts)
     adaptive = _adaptive_batch(opts)
     _check_batch_flags(opts)
     try:
@@ -43,6 +52,7 @@ def run(opts: argparse.Namespace) -> int:
         raise BadInput(str(e)) from None
     spec = workload_spec(opts, seed=opts.seed, with_eval=True)
     work, precision = load(spec)
+    _resolve_schedule(opts, work)
     micro = _micro_batch(opts, spec, work)
     sync_every = False
     if spec.fsdp:
@@ -77,6 +87,7 @@ def run(opts: argparse.Namespace) -> int:
 
 def _adaptive_batch(opts: argparse.Namespace) -> AdaptiveBatch | None:
     """--effective-batch auto: the growing batch, and ``opts.effective_batch`` set to its start."""
+    opts.effective_batch_auto = False
     if opts.effective_batch != "auto":
         return None
     if opts.micro_batch == "auto" or opts.memory_budget is not None:
@@ -88,6 +99,7 @@ def _adaptive_batch(opts: argparse.Namespace) -> AdaptiveBatch | None:
     except ValueError as e:
         raise bad_input(e) from None
     opts.effective_batch = adaptive.effective_batch
+    opts.effective_batch_auto = True
     return adaptive
 
 
@@ -98,6 +110,40 @@ def _check_flag_pairs(opts: argparse.Namespace) -> None:
     has_eval = opts.eval_data is not None or (opts.model == "demo" and opts.data is None)
     if opts.eval_every is not None and not has_eval:
         raise BadInput("--eval-every: only with --eval-data FILE (there is nothing to evaluate on)")
+
+
+def _check_schedule_flags(opts: argparse.Namespace) -> None:
+    if opts.steps is not None and opts.epochs is not None:
+        raise BadInput("--epochs: give --steps or --epochs, not both")
+    if opts.warmup_steps is not None and opts.warmup_ratio is not None:
+        raise BadInput("--warmup-ratio: give --warmup-steps or --warmup-ratio, not both")
+
+
+def _resolve_schedule(opts: argparse.Namespace, work: Workload) -> None:
+    """Steps (from --epochs if given), the lr and the warm-up this workload gets; says what the
+    steps mean in epochs. Sets ``opts.steps``, ``opts.lr`` and ``opts.warmup``."""
+    examples, batch = len(work.dataset), opts.effective_batch
+    if opts.epochs is not None:
+        opts.steps = max(1, math.ceil(opts.epochs * examples / batch))
+        if opts.steps > MAX_STEPS:
+            raise BadInput(f"--epochs {opts.epochs:g}: {opts.steps} steps of {batch} examples, more than "
+                           f"{MAX_STEPS:.0e}")
+    elif opts.steps is None:
+        opts.steps = DEFAULT_STEPS
+    if opts.lr is None:
+        opts.lr = default_lr(opts.model, opts.lora_r is not None)
+    opts.warmup = default_warmup(opts.steps)
+    if opts.warmup_steps is not None:
+        opts.warmup = opts.warmup_steps
+    elif opts.warmup_ratio is not None:
+        opts.warmup = round(opts.warmup_ratio * opts.steps)
+    if opts.warmup > opts.steps:
+        raise BadInput(f"--warmup-steps {opts.warmup}: longer than the run ({opts.steps} steps)")
+    if sync.rank() == 0:
+        start = " (at the starting batch)" if opts.effective_batch_auto else ""
+        print(f"gradaccum: data: {examples} examples; an epoch is {examples / batch:.4g} steps of {batch} "
+              f"examples{start}; {opts.steps} steps cover {opts.steps * batch / examples:.3g} epochs; "
+              f"lr {opts.lr:g}, {opts.lr_scheduler} after {opts.warmup} warm-up steps", flush=True)
 
 
 def _check_batch_flags(opts: argparse.Namespace) -> None:
@@ -145,6 +191,12 @@ def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, pre
         config.update({"--lora-r": spec.lora_r, "--lora-alpha": spec.resolved_lora_alpha})
     if adaptive is not None:
         config["--max-effective-batch"] = adaptive.max_effective_batch
+    # Only where they differ from the defaults: checkpoints from before these flags stay resumable.
+    given = {"--lr-scheduler": (opts.lr_scheduler, "cosine"), "--warmup-steps": (opts.warmup_steps, None),
+             "--warmup-ratio": (opts.warmup_ratio, None),
+             "--weight-decay": (opts.weight_decay, DEFAULT_WEIGHT_DECAY),
+             "--max-grad-norm": (opts.max_grad_norm, DEFAULT_MAX_GRAD_NORM)}
+    config.update({flag: value for flag, (value, default) in given.items() if value != default})
     return config
 
 
@@ -154,7 +206,8 @@ def _trainer(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, preci
         return Trainer(
             model=work.model, dataset=work.dataset, loss_fn=work.loss_fn, collate_fn=work.collate_fn,
             effective_batch=opts.effective_batch, micro_batch=micro, steps=opts.steps, lr=opts.lr,
-            seed=opts.seed, scheduler_factory=lambda opt: warmup_cosine(opt, opts.steps),
+            seed=opts.seed, max_grad_norm=opts.max_grad_norm or None, weight_decay=opts.weight_decay,
+            scheduler_factory=lambda opt: warmup_then(opt, opts.steps, opts.lr_scheduler, opts.warmup),
             out_dir=out, checkpoint_every=opts.checkpoint_every, resume=opts.resume, overwrite=opts.overwrite,
             extra_state=work.extra_state, run_config=run_config(opts, spec, work, precision, adaptive),
             items_name="tokens", grad_dtype=work.grad_dtype, autocast_dtype=precision.autocast,
