@@ -1,12 +1,37 @@
-"""gradaccum: exact gradient accumulation for PyTorch."""
+"""gradaccum: exact gradient accumulation for PyTorch.
 
-from gradaccum import losses, noise
-from gradaccum.accumulator import Accumulator, AccumulatorStateError, StepResult
-from gradaccum.batching import split
-from gradaccum.check import Finding, Report, check
-from gradaccum.memory import BudgetTooSmall, Plan, plan
-from gradaccum.trainer import Trainer
+The public names load on first use (PEP 562), so ``gradaccum --help`` and the command line's
+flag checks answer before torch is imported.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradaccum import losses, noise
+    from gradaccum.accumulator import Accumulator, AccumulatorStateError, StepResult
+    from gradaccum.batching import split
+    from gradaccum.check import Finding, Report, check
+    from gradaccum.memory import BudgetTooSmall, Plan, plan
+    from gradaccum.trainer import Trainer
+
+_HOMES = {
+    "Accumulator": "gradaccum.accumulator",
+    "AccumulatorStateError": "gradaccum.accumulator",
+    "StepResult": "gradaccum.accumulator",
+    "split": "gradaccum.batching",
+    "Finding": "gradaccum.check",
+    "Report": "gradaccum.check",
+    "check": "gradaccum.check",
+    "BudgetTooSmall": "gradaccum.memory",
+    "Plan": "gradaccum.memory",
+    "plan": "gradaccum.memory",
+    "Trainer": "gradaccum.trainer",
+    "losses": None,
+    "noise": None,
+}
 __all__ = [
     "Accumulator",
     "AccumulatorStateError",
@@ -23,3 +48,17 @@ __all__ = [
     "split",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'gradaccum' has no attribute {name!r}")
+    home = _HOMES[name]
+    value = importlib.import_module(f"gradaccum.{name}") if home is None else \
+        getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

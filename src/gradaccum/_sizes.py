@@ -10,10 +10,7 @@ import decimal
 import math
 import os
 import re
-
-import torch
-
-from gradaccum._livebytes import normalize_device
+from typing import Any
 
 CPU_BUDGET_SHARE = 0.5
 """Share of the available RAM (``MemAvailable``) used as the default budget on CPU."""
@@ -78,12 +75,12 @@ def format_bytes(n: int | float, round_up: bool = False) -> str:
     raise AssertionError("unreachable")
 
 
-def budget_or_default(budget: int | str | None, device: torch.device | str | None = None) -> int:
+def budget_or_default(budget: int | str | None, device: Any = None) -> int:
     """A given budget (bytes, or a size like "2GiB"), else :func:`default_budget_bytes` of ``device``."""
     return parse_size(budget) if budget is not None else default_budget_bytes(device)
 
 
-def default_budget_bytes(device: torch.device | str | None = None) -> int:
+def default_budget_bytes(device: Any = None) -> int:
     """The memory budget used when none is given.
 
     - CUDA: memory this process can still use on the device: the driver's free bytes
@@ -94,6 +91,11 @@ def default_budget_bytes(device: torch.device | str | None = None) -> int:
       read from ``MemAvailable`` in /proc/meminfo (falling back to ``os.sysconf``), so
       that the rest of the system keeps room.
     """
+    # Imported here: the command line parses sizes before it imports torch.
+    import torch
+
+    from gradaccum._livebytes import normalize_device
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = normalize_device(device)

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LR_RULES = ("sqrt", "linear")
 DEFAULT_MAX_EFFECTIVE_BATCH = 1024
@@ -39,6 +40,8 @@ DEFAULT_MAX_EFFECTIVE_BATCH = 1024
 
 def lr_rule_for(optimizer: torch.optim.Optimizer) -> str:
     """``linear`` for plain SGD, ``sqrt`` for Adam-family and every other adaptive optimizer."""
+    import torch  # here: the command line reads this module's defaults before it imports torch
+
     return "linear" if isinstance(optimizer, torch.optim.SGD) else "sqrt"
 
 

@@ -122,7 +122,7 @@ def _fraction(text: str) -> float:
 
 
 def _size(text: str) -> int:
-    from gradaccum.memory import parse_size
+    from gradaccum._sizes import parse_size
 
     try:
         return parse_size(text)
@@ -180,8 +180,8 @@ def _add_schedule(t: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=_positive_float(MAX_EPOCHS), default=None, metavar="F",
                    help="passes over --data instead of --steps: steps = ceil(F x examples / effective batch)")
     t.add_argument("--lr", type=_lr, default=None, metavar="F",
-                   help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g}); with --model DIR the default "
-                        f"is {DEFAULT_LR_FULL:g}, or {DEFAULT_LR_LORA:g} with --lora-r")
+                   help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g}); with --model DIR the "
+                        f"default is {DEFAULT_LR_FULL:g}, or {DEFAULT_LR_LORA:g} with --lora-r")
     t.add_argument("--lr-scheduler", choices=SCHEDULES, default="cosine",
                    help="after the linear warm-up: cosine decay to 10%% of the peak, linear decay to 0, or "
                         "constant")

@@ -14,8 +14,6 @@ import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
 DEFAULT_MICRO_CAP = 16
 """The default micro-batch: the largest divisor of the per-rank batch up to this."""
 
@@ -99,6 +97,8 @@ def next_smaller_micro_batch(per_rank: int, micro_batch: int) -> int | None:
 def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Dataset indices at stream positions ``[start, start + count)``: per-epoch shuffles
     seeded by ``seed`` and the epoch, so any position is found without replaying."""
+    import torch  # here: the command line checks batch shapes before it imports torch
+
     out: list[int] = []
     epoch, perm = -1, []
     for pos in range(start, start + count):
