@@ -90,6 +90,19 @@ def fsdp_syncs_every_micro_batch(spec: WorkloadSpec, work: Workload, micro_batch
     return every
 
 
+def fastest_that_fits(work: Workload, p: memory.Plan, repeats: int = 1) -> int:
+    """The micro-batch with the most examples/s among those the plan says fit, timed over whole
+    windows as ``bench`` does (on CPUs the largest is often not the fastest). Rank 0 measures;
+    every rank gets its answer."""
+    best = 0
+    if sync.rank() == 0:
+        fits = [r["micro_batch"] for r in p.table if r["predicted_peak_bytes"] <= p.budget_bytes]
+        rows = memory.measure_throughput(work.model, work.loss_fn, worst_case_batches(work), fits,
+                                         window_batch=p.effective_batch // p.world_size, repeats=repeats)
+        best = max(rows, key=lambda r: r["items_per_s"])["micro_batch"] if rows else p.micro_batch
+    return sync.max_over_ranks(best)
+
+
 def print_plan(p: memory.Plan, header: str = "") -> None:
     print(f"effective batch {p.effective_batch}, world size {p.world_size}, "
           f"budget {memory.format_bytes(p.budget_bytes)} ({p.budget_bytes} bytes){header}")

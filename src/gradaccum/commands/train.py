@@ -28,7 +28,7 @@ from gradaccum.stopping import Stopped
 from gradaccum.stream import BatchShape, check_divides_world, default_micro_batch
 from gradaccum.trainer import Trainer
 from gradaccum.workloads import Workload, WorkloadError, lora
-from gradaccum.workloads.precision import Precision
+from gradaccum.workloads.precision import Precision, device
 from gradaccum.workloads.prepare import WorkloadSpec, shard_workload
 
 DEFAULT_AUTO_MICRO = 8  # --effective-batch auto without --micro-batch: start at 8 x 2 x world
@@ -164,11 +164,15 @@ def _micro_batch(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload) -
         from gradaccum import memory
 
         p = planning.plan(spec, work, opts.effective_batch, opts.memory_budget)
+        chosen, why = int(p.micro_batch), "the largest that fits"
+        if device().type == "cpu" and not spec.fsdp:
+            chosen = planning.fastest_that_fits(work, p)
+            why = f"the fastest of those that fit, measured on this CPU (largest that fits: {p.micro_batch})"
         if sync.rank() == 0:
-            print(f"gradaccum: --micro-batch auto: {p.micro_batch} (predicted peak "
-                  f"{memory.format_bytes(p.predicted_peak_bytes)} of {memory.format_bytes(p.budget_bytes)})",
+            print(f"gradaccum: --micro-batch auto: {chosen}, {why}; predicted peak of the largest "
+                  f"{memory.format_bytes(p.predicted_peak_bytes)} of {memory.format_bytes(p.budget_bytes)}",
                   flush=True)
-        return int(p.micro_batch)
+        return chosen
     if micro is None:
         return default_micro_batch(opts.effective_batch // sync.world_size())
     return int(micro)
