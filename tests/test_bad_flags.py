@@ -95,3 +95,17 @@ def test_closing_lines_survive_a_critical_batch_of_zero(critical: float) -> None
     """All-EOS completions make every gradient alike: the noise scale is 0, not a division by it."""
     lines = closing_lines({"critical_batch": critical, "effective_batch": 8})
     assert lines == ["the measured gradient noise is too small to estimate a critical batch"]
+
+
+def test_the_critical_batch_speaks_only_once_settled() -> None:
+    from gradaccum.runlog import critical_batch_settled
+
+    assert critical_batch_settled([40.0] * 19) == (False, 1.0)  # too few measured steps
+    assert critical_batch_settled([5.0] * 15 + [10, 40, 12, 30, 15]) == (False, 8.0)  # still moving
+    assert critical_batch_settled([5.0] * 10 + [30, 40, 35, 30, 32, 31, 33, 36, 30, 38]) == (True, 40 / 30)
+    settled = {"critical_batch": 40.0, "effective_batch": 8, "critical_batch_settled": True}
+    assert "well below it" in closing_lines(settled)[0]
+    early = {**settled, "critical_batch_settled": False, "critical_batch_spread": 8.0,
+             "critical_batch_measured_steps": 4}
+    assert closing_lines(early) == ["the critical batch has not settled yet (4 measured steps; the last "
+                                    "estimates span 8.0x): train longer before reading it"]

@@ -122,7 +122,8 @@ def test_model_dir_gets_its_own_lr_default(llama: dict[str, Path], tmp_path: Pat
     assert _ck(out)["run"]["--lr"] == lr and _rows(out)[0]["lr"] == pytest.approx(lr)
 
 
-def test_bf16_on_a_cpu_says_it_is_slow(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bf16_on_a_cpu_says_it_is_slow(data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", *TINY, "--data", str(data), "--steps", "1", "--precision", "bf16",
                  "--out", str(tmp_path / "run")]) == 0
     assert "--precision bf16 on a CPU" in capsys.readouterr().err

@@ -36,8 +36,8 @@ def test_noise_scale_and_critical_batch_are_logged(tmp_path: Path, capsys: Any) 
     summary = json.loads((out / "summary.json").read_text())
     assert "critical_batch" in summary
     text = capsys.readouterr().out
-    if summary["critical_batch"] is not None:
-        assert "the measured critical batch is about" in text
+    if summary["critical_batch"] is not None:  # 6 steps: too few to read it (issue 20)
+        assert "the critical batch has not settled yet" in text and "about" not in text
 
 
 def test_no_noise_scale_turns_it_off_and_changes_no_weight(tmp_path: Path) -> None:

@@ -239,6 +239,20 @@ class RowMaker:
         }
 
 
+SETTLED_AFTER = 20
+"""Measured steps before the critical batch may be read: the noise EMA pools ~20 windows."""
+SETTLED_SPREAD = 2.0
+"""... and its last 10 estimates must agree within this factor."""
+
+
+def critical_batch_settled(critical: Sequence[float]) -> tuple[bool, float]:
+    """Whether the run's critical-batch estimates (one per measured step) have settled, and how
+    far apart the last 10 are (max / min; inf when one is not positive)."""
+    recent = list(critical[-10:])
+    spread = max(recent) / min(recent) if recent and min(recent) > 0 else float("inf")
+    return len(critical) >= SETTLED_AFTER and spread <= SETTLED_SPREAD, spread
+
+
 def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_seen: int,
               auto_batch: bool, extended_from: int | None = None) -> dict[str, Any]:
     """summary.json's numbers from the run's rows (the caller adds its own keys)."""
@@ -259,6 +273,9 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
         "elapsed_s": rows[-1]["elapsed_s"] if rows else None,
         "final_eval_loss": evals[-1] if evals else None,
         "critical_batch": critical[-1] if critical else None,
+        "critical_batch_settled": critical_batch_settled(critical)[0],
+        "critical_batch_spread": critical_batch_settled(critical)[1] if critical else None,
+        "critical_batch_measured_steps": len(critical),
         "noise_scale": next((r["noise_scale"] for r in reversed(rows) if r.get("noise_scale")), None),
         "effective_batch_auto": auto_batch,
         **({"extended_from_steps": extended_from} if extended_from is not None else {}),

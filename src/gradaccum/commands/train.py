@@ -258,21 +258,29 @@ def closing_lines(summary: dict[str, Any]) -> list[str]:
         acc = ", ".join(f"{kind} {v:.1%}" for kind, v in summary["accuracy"].items())
         lines.append(f"exact-match accuracy on held-out puzzles: {acc}")
     critical, batch = summary.get("critical_batch"), summary.get("effective_batch")
-    if critical is not None and batch and not critical > 0:
+    if critical is None or not batch:
+        return lines
+    if not critical > 0:
         lines.append("the measured gradient noise is too small to estimate a critical batch")
-    elif critical is not None and batch:
-        ratio = batch / critical
-        if ratio > 2:
-            verdict = ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss "
-                       "with fewer examples, at the price of more optimizer steps")
-        elif ratio < 0.5:
-            verdict = ("well below it: a larger batch (more accumulation steps) would need fewer optimizer "
-                       "steps for the same examples; try --effective-batch auto")
-        else:
-            verdict = "close to it: a good trade between examples and optimizer steps"
+    elif not summary.get("critical_batch_settled", True):
+        spread = summary.get("critical_batch_spread") or float("inf")
+        steps = summary.get("critical_batch_measured_steps")
+        lines.append(f"the critical batch has not settled yet ({steps} measured steps; the last estimates "
+                     f"span {spread:.1f}x): train longer before reading it")
+    else:
         lines.append(f"the measured critical batch is about {critical:.0f} examples; your effective batch "
-                     f"{batch} is {verdict}")
+                     f"{batch} is {_verdict(batch / critical)}")
     return lines
+
+
+def _verdict(ratio: float) -> str:
+    if ratio > 2:
+        return ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss with "
+                "fewer examples, at the price of more optimizer steps")
+    if ratio < 0.5:
+        return ("well below it: a larger batch (more accumulation steps) would need fewer optimizer steps "
+                "for the same examples; try --effective-batch auto")
+    return "close to it: a good trade between examples and optimizer steps"
 
 
 def resume_command(opts: argparse.Namespace) -> str:
