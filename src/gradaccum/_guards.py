@@ -76,14 +76,15 @@ def check_accum_steps(value: Any) -> None:
         raise ValueError(f"accum_steps must be >= 1, got {value}")
 
 
-def check_loss(loss_sum: Any) -> None:
+def check_loss(loss_sum: Any, requires_grad: bool = True) -> None:
+    """A 0-dim tensor (that requires grad, unless told it was computed under ``torch.no_grad()``)."""
     if not isinstance(loss_sum, torch.Tensor):
         raise TypeError(f"loss_sum must be a torch.Tensor, got {type(loss_sum).__name__}")
     if loss_sum.dim() != 0:
         raise ValueError(
             f"loss_sum must be a scalar (0-dim) SUM-reduced loss, got shape {tuple(loss_sum.shape)}"
         )
-    if not loss_sum.requires_grad:
+    if requires_grad and not loss_sum.requires_grad:
         raise ValueError("loss_sum does not require grad: was it computed under torch.no_grad()?")
 
 

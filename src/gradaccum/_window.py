@@ -176,14 +176,24 @@ class WindowEngine:
         self._window = self._new_window()
 
     def _backward(self, loss_sum: Any, num_items: Any, synced: bool) -> None:
+        """One micro-batch's backward. If it raises, a window it opened is closed again (hooks,
+        stray gradients), so a retry opens it once and counts exactly as if the call never happened."""
         check_loss(loss_sum)
         n = count_items(num_items)
-        if self._window.micro == 0:
+        opening = self._window.micro == 0
+        if opening:
             self._window.open(self._grads)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss_sum).backward()  # fp16: scaled, unscaled once per window
-        else:
-            loss_sum.backward()
+        try:
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss_sum).backward()  # fp16: scaled, unscaled once per window
+            else:
+                loss_sum.backward()
+        except BaseException:
+            if opening:
+                self._discard_window()
+            elif self._window.probe is not None:
+                self._window.probe.forget_pending()  # the failed call's norms are no micro-batch's
+            raise
         self._window.add(loss_sum, n, synced)
 
     def _update_noise(self, totals: WindowTotals) -> float | None:

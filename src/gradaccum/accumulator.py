@@ -175,7 +175,13 @@ class Accumulator(WindowEngine):
             self._in_micro = False
 
     def backward(self, loss_sum: torch.Tensor, num_items: int | torch.Tensor) -> StepResult | None:
-        """Backpropagate one micro-batch's SUM loss; returns a StepResult when it closed a window."""
+        """Backpropagate one micro-batch's SUM loss; returns a StepResult when it closed a window.
+
+        If autograd raises (e.g. a graph already freed), the micro-batch is not counted and
+        ``backward`` may be called again in the same ``micro_step()``. A window's first backward
+        leaves the window as it was before the call; a later one may have added part of its
+        gradient before failing (autograd cannot undo that): ``discard()`` drops the window.
+        """
         if self._in_step:
             raise AccumulatorStateError("backward() inside step(): step() runs backward itself")
         if not self._in_micro:

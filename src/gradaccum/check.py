@@ -19,7 +19,8 @@ gradient accumulation:
 - ``no-items`` (warning, or error when the whole batch has none): micro-batches whose
   num_items is 0 add nothing; a window of them is skipped.
 
-The model, its gradients, its train/eval flags and every RNG are restored exactly.
+The model, its gradients, its train/eval flags and every RNG are restored exactly. The
+user's loss function raising (or its backward) is a ValueError naming it, in one line.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradaccum.accumulator import LossFn, count_items
+from gradaccum._guards import check_loss, count_items
+from gradaccum.accumulator import LossFn
 from gradaccum.batching import batch_size, map_tensors, split
+from gradaccum.errors import one_line
 
 LEVELS = ("error", "warning", "info")
 
@@ -182,22 +185,51 @@ def load_target(target: str) -> tuple[nn.Module, LossFn, Any]:
 
 
 # ----------------------------------------------------------------------------- the checks
-def _call(model: nn.Module, loss_fn: LossFn, mb: Any) -> tuple[torch.Tensor, float]:
-    out = loss_fn(model, mb)
+def _name(loss_fn: LossFn) -> str:
+    name = getattr(loss_fn, "__qualname__", None) or getattr(loss_fn, "__name__", None)
+    return f"{name}()" if isinstance(name, str) else f"{type(loss_fn).__name__} object"
+
+
+@contextlib.contextmanager
+def _blamed(loss_fn: LossFn, what: str = "") -> Iterator[None]:
+    """The user's own code raising: one line naming their function (running out of memory is not theirs)."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise ValueError(f"loss_fn {_name(loss_fn)}{what} raised {one_line(e, 300, True)}") from None
+
+
+def _call(model: nn.Module, loss_fn: LossFn, mb: Any, grad: bool = True) -> tuple[torch.Tensor, float]:
+    """``loss_fn(model, mb)``, checked as ``Accumulator.backward`` checks it (``grad``: it must
+    require grad, as every call outside ``torch.no_grad()`` here needs)."""
+    with _blamed(loss_fn):
+        out = loss_fn(model, mb)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError("loss_fn must return (loss_sum, num_items)")
+        got = type(out).__name__
+        raise TypeError(f"loss_fn {_name(loss_fn)} must return (loss_sum, num_items), got {got}")
     loss, n = out
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError("loss_fn's loss_sum must be a 0-dim tensor")
-    n = count_items(n)
+    try:
+        check_loss(loss, requires_grad=grad)
+        n = count_items(n)
+    except TypeError as e:
+        raise TypeError(f"loss_fn {_name(loss_fn)}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"loss_fn {_name(loss_fn)}: {e}") from None
     return loss, float(n.item() if isinstance(n, torch.Tensor) else n)
+
+
+def _grads(loss_fn: LossFn, loss: torch.Tensor, params: list[nn.Parameter]) -> tuple[Any, ...]:
+    with _blamed(loss_fn, "'s backward"):
+        return torch.autograd.grad(loss, params, allow_unused=True)
 
 
 def _differs_between_forward_passes(model: nn.Module, loss_fn: LossFn, batch: Any) -> bool:
     model.train()
     with torch.no_grad():
-        a, _ = _call(model, loss_fn, batch)
-        b, _ = _call(model, loss_fn, batch)
+        a, _ = _call(model, loss_fn, batch, grad=False)
+        b, _ = _call(model, loss_fn, batch, grad=False)
     return not torch.equal(a, b)
 
 
@@ -210,8 +242,8 @@ def _deterministic_mode(model: nn.Module) -> None:
 def _check_sum_reduction(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Finding]:
     twice = map_tensors(batch, lambda t: torch.cat([t, t]))
     with torch.no_grad():
-        once_loss, once_n = _call(model, loss_fn, batch)
-        twice_loss, twice_n = _call(model, loss_fn, twice)
+        once_loss, once_n = _call(model, loss_fn, batch, grad=False)
+        twice_loss, twice_n = _call(model, loss_fn, twice, grad=False)
     out = []
     a, b = float(once_loss), float(twice_loss)
     if math.isfinite(a) and abs(a) > 0 and abs(b / a - 2.0) > 1e-3:
@@ -232,7 +264,7 @@ def _full_batch_grads(
     loss, n = _call(model, loss_fn, batch)
     if n <= 0:
         return [None] * len(params), n
-    grads = torch.autograd.grad(loss / n, params, allow_unused=True)
+    grads = _grads(loss_fn, loss / n, params)
     return [None if g is None else g.detach() for g in grads], n
 
 
@@ -245,7 +277,7 @@ def _accumulated_grads(
     for mb in micro:
         loss, n = _call(model, loss_fn, mb)
         per_micro.append(n)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = _grads(loss_fn, loss, params)
         total = [_add(a, g) for a, g in zip(total, grads, strict=True)]
     items = sum(per_micro)
     return [None if g is None or items == 0 else g / items for g in total], per_micro

@@ -245,6 +245,10 @@ class NormProbe:
         low = grad.dtype in (torch.float16, torch.bfloat16)
         self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
 
+    def forget_pending(self) -> None:
+        """A backward that raised: drop the norms its hooks took before it failed."""
+        self._norms = []
+
     def record(self, num_items: int | float | torch.Tensor) -> None:
         """After a micro-batch's backward: its own squared gradient norm, from the hooks' norms."""
         norms, self._norms = self._norms, []

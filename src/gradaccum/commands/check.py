@@ -7,6 +7,7 @@ import argparse
 from gradaccum.check import check, load_target
 from gradaccum.commands import BadInput
 from gradaccum.commands.common import load, workload_spec
+from gradaccum.errors import one_line
 
 
 def run(opts: argparse.Namespace) -> int:
@@ -23,7 +24,8 @@ def run(opts: argparse.Namespace) -> int:
         model, loss_fn, batch = work.model, work.loss_fn, work.collate_fn(examples)
     try:
         report = check(model, loss_fn, batch, micro_batch_size=opts.micro_batch)
-    except (ValueError, TypeError) as e:
-        raise BadInput(f"check: {e}") from None
+    except (ValueError, TypeError) as e:  # the user's loss raising included: check names it
+        where = f"check {opts.target}" if opts.target is not None else "check"
+        raise BadInput(f"{where}: {one_line(e, 500)}") from None
     print(report, flush=True)
     return 0 if report.ok else 1
