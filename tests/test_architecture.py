@@ -128,6 +128,17 @@ def test_public_names_live_in_init() -> None:
 
     for name in gradaccum.__all__:
         assert hasattr(gradaccum, name), name
+        assert name in dir(gradaccum), name
+
+
+def test_ga_check_stays_the_function_whatever_is_imported_first() -> None:
+    """The names load lazily; ``gradaccum.check`` is also a submodule, imported first here."""
+    import subprocess
+    import sys
+
+    code = ("import gradaccum.check, gradaccum as ga; from gradaccum import check; "
+            "assert callable(ga.check) and ga.check is check and check.__name__ == 'check'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def _class_made(cls: ast.ClassDef) -> set[str]:

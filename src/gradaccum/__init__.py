@@ -7,6 +7,8 @@ flag checks answer before torch is imported.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,7 +26,6 @@ _HOMES = {
     "split": "gradaccum.batching",
     "Finding": "gradaccum.check",
     "Report": "gradaccum.check",
-    "check": "gradaccum.check",
     "BudgetTooSmall": "gradaccum.memory",
     "Plan": "gradaccum.memory",
     "plan": "gradaccum.memory",
@@ -61,4 +62,22 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+    return sorted({*globals(), *_HOMES, "check"})
+
+
+class _Package(types.ModuleType):
+    """``ga.check`` is the function, though a submodule has the same name: importing
+    ``gradaccum.check`` makes Python set the package's ``check`` to the module, which this
+    property ignores (as the eager ``from gradaccum.check import check`` used to win)."""
+
+    @property
+    def check(self) -> Any:
+        return importlib.import_module("gradaccum.check").check
+
+    @check.setter
+    def check(self, value: Any) -> None:
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("gradaccum.check is read-only")
+
+
+sys.modules[__name__].__class__ = _Package
