@@ -151,6 +151,12 @@ class Accumulator(WindowEngine):
             )
         self._accum_steps = int(value)
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far, skipped windows not counted (``StepResult.step``):
+        ``while acc.optimizer_steps < steps: ...``. Read-only; ``load_state_dict`` restores it."""
+        return self.step_count
+
     # ----------------------------------------------------------------- shape (a)
     @contextlib.contextmanager
     def micro_step(self) -> Iterator[None]:

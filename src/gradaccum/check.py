@@ -10,8 +10,10 @@ gradient accumulation:
 - ``gradient-mismatch`` (error): the gradient accumulated over micro-batches of
   ``micro_batch_size`` (Σ ∇loss_sum_i / Σ num_items_i) must equal the full-batch
   gradient ∇(loss_sum / num_items) to float rounding.
-- ``batchnorm`` (warning): BatchNorm normalises each micro-batch with its own statistics,
-  so no accumulation can match the full batch in train mode (measured and reported).
+- ``batchnorm`` (error when, in train mode, the accumulated gradient differs from the
+  full-batch one beyond the same float-rounding bar as ``gradient-mismatch``; a warning
+  when the layers exist but the measured difference is within it): BatchNorm normalises
+  each micro-batch with its own statistics, so accumulation cannot match the full batch.
 - ``nondeterministic`` (warning): two forward passes in train mode differ (dropout), so
   runs cannot be compared bit for bit; the gradient comparison runs with it disabled.
 - ``unused-parameters`` (warning): trainable parameters that get no gradient (DDP needs
@@ -72,6 +74,9 @@ class Report:
     """The float-rounding bar the gradient error was held to."""
     micro_batches: int = 0
     """How many micro-batches the batch was split into."""
+    batchnorm_rel_error: float | None = None
+    """The same relative error with BatchNorm in train mode (batch statistics); None without
+    BatchNorm layers or items. ``gradient_rel_error`` is measured with BatchNorm in eval mode."""
 
     @property
     def ok(self) -> bool:
@@ -90,6 +95,8 @@ class Report:
         if self.gradient_rel_error is not None:
             verdict += (f"; accumulated vs full-batch gradient: relative error {self.gradient_rel_error:.1e} "
                         f"(bar {self.tolerance:.0e}) over {self.micro_batches} micro-batches")
+            if self.batchnorm_rel_error is not None:
+                verdict += f", {self.batchnorm_rel_error:.1e} with BatchNorm in train mode"
         return "\n".join([*lines, verdict])
 
 
@@ -140,7 +147,7 @@ def check(model: nn.Module, loss_fn: LossFn, batch: Any, micro_batch_size: int =
                     f"gradient by {report.gradient_rel_error:.2e} (relative; float rounding is below "
                     f"{report.tolerance:.0e}): loss_fn must return the SUM over its items and the number of "
                     "items it summed, with no per-micro-batch weighting")))
-        found += _check_batchnorm(model, loss_fn, batch, micro, params)
+        found += _check_batchnorm(model, loss_fn, batch, micro, params, report)
     found.sort(key=lambda f: LEVELS.index(f.level))
     return report
 
@@ -297,8 +304,10 @@ def _check_items(per_micro: list[float], items: float) -> list[Finding]:
 
 
 def _check_batchnorm(
-    model: nn.Module, loss_fn: LossFn, batch: Any, micro: list[Any], params: list[nn.Parameter]
+    model: nn.Module, loss_fn: LossFn, batch: Any, micro: list[Any], params: list[nn.Parameter],
+    report: Report,
 ) -> list[Finding]:
+    """Measure BatchNorm in train mode: beyond rounding it is an error, whatever else is right."""
     bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return []
@@ -309,12 +318,23 @@ def _check_batchnorm(
             m.train()
     full, n = _full_batch_grads(model, loss_fn, batch, params)
     accumulated, _ = _accumulated_grads(model, loss_fn, micro, params)
-    off = _rel_error(accumulated, full)
-    measured = f"; in train mode the accumulated gradient is off by {off:.1e}" if n else ""
+    layers = f"{len(bns)} BatchNorm layer(s) (e.g. '{bns[0]}')"
+    if not n:
+        return [Finding("warning", "batchnorm", (
+            f"{layers} normalise each micro-batch with its own statistics, so accumulation cannot match "
+            "the full batch in train mode (not measured: no items): use GroupNorm/LayerNorm"))]
+    off, bar = _rel_error(accumulated, full), _tolerance(params)
+    report.batchnorm_rel_error = off
+    if not off <= bar:
+        return [Finding("error", "batchnorm", (
+            f"{layers} normalise each micro-batch with its own statistics: in train mode the gradient "
+            f"accumulated over {len(micro)} micro-batches is off by {off:.1e} from the full-batch gradient "
+            f"(relative; float rounding is below {bar:.0e}), so accumulated training will not match: use "
+            "GroupNorm/LayerNorm, or keep the BatchNorm layers in eval mode (frozen statistics)"))]
     return [Finding("warning", "batchnorm", (
-        f"{len(bns)} BatchNorm layer(s) (e.g. '{bns[0]}') normalise each micro-batch with its own "
-        f"statistics, so accumulation cannot match the full batch{measured}: use GroupNorm/LayerNorm, or "
-        "accept it"))]
+        f"{layers}: in train mode the accumulated gradient is off by {off:.1e}, within float rounding "
+        f"(below {bar:.0e}) for this model and batch; BatchNorm normalises each micro-batch with its own "
+        "statistics, so this can change when they matter: prefer GroupNorm/LayerNorm"))]
 
 
 # ----------------------------------------------------------------------------- helpers
