@@ -250,12 +250,33 @@ def _add_check(sub: Any) -> None:
 
 
 def _add_generate(sub: Any) -> None:
-    g = sub.add_parser("generate", help="greedy completion from a model directory (e.g. OUT/model)",
-                       formatter_class=_HelpFormatter)
-    g.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory")
+    g = sub.add_parser("generate", formatter_class=_HelpFormatter,
+                       help="complete a prompt with a model directory or a LoRA adapter (e.g. OUT/model)")
+    g.add_argument("--model", required=True, metavar="DIR",
+                   help="a Hugging Face model directory, or a LoRA adapter directory (adapter_config.json, "
+                        "as train --lora-r writes to OUT/model): its base model is loaded from the directory "
+                        "its base_model_name_or_path names, the adapter on top (needs peft: "
+                        'pip install "gradaccum[lora]")')
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     g.add_argument("--max-new-tokens", type=_int_at_least(1, 100_000), default=64, metavar="N",
                    help="tokens to generate at most")
+    g.add_argument("--chat", action="store_true",
+                   help="send --prompt as one user turn in the tokenizer's chat template and continue with "
+                        "the assistant's reply")
+    g.add_argument("--temperature", type=_positive_float(100.0, zero=True), default=0.0, metavar="F",
+                   help="0: greedy (the most likely token each time); between 0.001 and 100: sample, "
+                        "sharper below 1, flatter above")
+    g.add_argument("--top-p", type=_fraction, default=None, metavar="F",
+                   help="with --temperature > 0: sample only from the most likely tokens that together "
+                        "hold probability F, in (0, 1] (default: 1, all tokens; top-k is off)")
+    g.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=None, metavar="N",
+                   help="with --temperature > 0: seeds the sampling; the same seed gives the same text "
+                        "(default: 0)")
+    g.add_argument("--merge-lora", action="store_true",
+                   help="with a LoRA adapter --model: fold the adapter into its base model and save that "
+                        "full model and the tokenizer to DIR-merged beside it (written atomically; an "
+                        "existing DIR-merged is refused, never replaced), then generate from it; "
+                        "--model DIR-merged then needs no peft")
 
 
 def _add_large(p: argparse.ArgumentParser) -> None:
