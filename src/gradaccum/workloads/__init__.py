@@ -23,6 +23,7 @@ from torch import nn
 from gradaccum.workloads.data import Collator, Example, count_items, pad_id_of, tokenize_file
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.files import file_sha256
+from gradaccum.workloads.learnable import check_embedding_rows
 
 __all__ = ["Example", "Workload", "WorkloadError", "build_workload"]
 
@@ -149,6 +150,13 @@ def _demo_workload(
     )
 
 
+def _check_ids(model: str, vocab: int, rows: int | None, train: Any, held: Any) -> None:
+    """Every id the tokenizer (and the data) can produce has a row in the model's embedding."""
+    check_embedding_rows(model, vocab, rows, train.max_id)
+    if held is not None:
+        check_embedding_rows(model, None, rows, held.max_id, "--eval-data")
+
+
 def _hf_workload(
     model: str, data: str | None, eval_data: str | None, max_length: int | None,
     dtype: str | torch.dtype | None, cache_dir: str | None, progress: bool,
@@ -163,12 +171,18 @@ def _hf_workload(
     context = hf.max_positions(config)
     if max_length is not None and context is not None and max_length > context:
         raise WorkloadError(f"--max-length {max_length}: longer than the model's context ({context} tokens)")
+    rows = getattr(config, "vocab_size", None)
+    rows = rows if isinstance(rows, int) else None  # checked before tokenizing, again once loaded
+    check_embedding_rows(model, len(tokenizer), rows)
     limit = max_length if max_length is not None else context
-    train = tokenize_file(data, tokenizer, limit, "--data", cache_dir, progress)
+    limit_name = f"--max-length {limit} tokens" if max_length is not None else f"the context ({limit} tokens)"
+    train = tokenize_file(data, tokenizer, limit, "--data", cache_dir, progress, limit_name)
     held = None
     if eval_data is not None:
-        held = tokenize_file(eval_data, tokenizer, limit, "--eval-data", cache_dir, progress)
+        held = tokenize_file(eval_data, tokenizer, limit, "--eval-data", cache_dir, progress, limit_name)
+    _check_ids(model, len(tokenizer), rows, train, held)
     weights = hf.load_model(model, dtype, progress=progress)  # last: reading the weights is the slow part
+    _check_ids(model, len(tokenizer), weights.get_input_embeddings().num_embeddings, train, held)
     extra = {
         "task": "hf",
         "model": str(Path(model).resolve()),

@@ -40,6 +40,8 @@ from gradaccum.workloads.files import (
     record_location,
     unreadable,
 )
+from gradaccum.workloads.learnable import require_loss_tokens, roles_of
+from gradaccum.workloads.prefix import first_tokens, longest_token_chars
 
 IGNORE = -100
 Example = tuple[list[int], list[int]]
@@ -76,7 +78,7 @@ class TokenEncoder:
     token), and the counts match what the model really sees.
     """
 
-    VERSION = 1
+    VERSION = 2
     """Bump when the encoding changes: ``datasets`` keys its ``.map`` cache on this object's
     pickled state (tokenizer, max_length, version), not on the code of its methods."""
 
@@ -85,8 +87,15 @@ class TokenEncoder:
         self.max_length = max_length
         self.eos = tokenizer.eos_token_id
         self.version = self.VERSION  # an instance attribute, so it is part of the cache key
+        self.token_chars = longest_token_chars(tokenizer)
 
     def _ids(self, text: str, specials: bool = True) -> list[int]:
+        """The ids of ``text``; with a max_length only the first max_length + 2 of them, exactly
+        (the two past it decide truncation and a prompt's trailing EOS), read from a prefix."""
+        need = None if self.max_length is None else self.max_length + 2
+        return first_tokens(lambda t: self._encode(t, specials), text, need, self.token_chars)
+
+    def _encode(self, text: str, specials: bool) -> list[int]:
         return list(self.tok(text, add_special_tokens=specials, verbose=False)["input_ids"])
 
     def _with_eos(self, ids: list[int]) -> list[int]:
@@ -198,6 +207,8 @@ class TokenizedData:
     """Examples cut to ``max_length``."""
     num_items: int
     """Counted labels after the causal shift, over all examples."""
+    max_id: int | None = None
+    """The largest token id in the examples (checked against the model's embedding)."""
 
     @property
     def mean_items(self) -> float:
@@ -211,8 +222,13 @@ def tokenize_file(
     flag: str = "--data",
     cache_dir: str | None = None,
     progress: bool = True,
+    limit_name: str | None = None,
 ) -> TokenizedData:
-    """Read, check and tokenize a data file for a Hugging Face tokenizer (see the module doc)."""
+    """Read, check and tokenize a data file for a Hugging Face tokenizer (see the module doc).
+
+    A file in which no example keeps a token in the loss is refused (``limit_name``: how a
+    message names ``max_length``, by default ``--max-length N tokens``).
+    """
     import pyarrow.compute as pc
 
     ds, fmt = load_records(path, flag, cache_dir, progress)
@@ -237,12 +253,20 @@ def tokenize_file(
         except Exception as e:  # Arrow lets some bad bytes through to here (invalid UTF-8)
             raise unreadable(p, flag, e) from None
     table = tokenized.data
+    truncated = int(pc.sum(table.column("truncated")).as_py() or 0)
+    num_items = int(pc.sum(table.column("num_items")).as_py() or 0)
+    require_loss_tokens(
+        num_items, flag, path, fmt, lambda: roles_of(ds), truncated == len(tokenized),
+        limit_name or f"--max-length {max_length} tokens",
+    )
+    max_id = pc.max(pc.list_flatten(table.column("input_ids"))).as_py()
     return TokenizedData(
         examples=ArrowExamples(tokenized),
         format=fmt,
         fingerprint=file_sha256(p),
-        truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
-        num_items=int(pc.sum(table.column("num_items")).as_py() or 0),
+        truncated=truncated,
+        num_items=num_items,
+        max_id=None if max_id is None else int(max_id),
     )
 
 

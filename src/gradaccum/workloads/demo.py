@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import nn
 from gradaccum import demo
 from gradaccum.demo.task import BOS, EOS, IGNORE, TASK_MAX_LEN, TASK_TOKENIZER, CharTokenizer, make_puzzle
 from gradaccum.demo.text import text_examples
-from gradaccum.workloads.data import Example
+from gradaccum.workloads.data import Example, count_items
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.files import (
     BadRecord,
@@ -34,6 +34,7 @@ from gradaccum.workloads.files import (
     text_lines,
     unreadable,
 )
+from gradaccum.workloads.learnable import require_loss_tokens
 
 TASK_SIZE = 20_000
 """Generated training examples in the default task (several epochs over a default run)."""
@@ -165,7 +166,7 @@ def file_segments(
     """Every example of a data file as text segments ``(text, in_loss)``, and the file's format."""
     if Path(path).suffix.lower() == ".txt":
         return [([(ln, True)], True) for ln in text_lines(path, flag)], "text"
-    ds, fmt = load_records(path, flag, cache_dir, progress)
+    ds, fmt = load_records(path, flag, cache_dir, progress, demo=True)
     out = []
     try:
         for i, record in enumerate(ds):  # the demo holds its data in memory anyway
@@ -188,7 +189,9 @@ def char_examples(items: Sequence[Segments], tok: CharTokenizer, max_len: int) -
         ids: list[int] = []
         labels: list[int] = []
         for text, in_loss in segs:
-            enc = tok.encode(text)
+            # One character, one token: encoding only what can be kept (plus one, to tell a
+            # cut) keeps memory to max_len whatever the length of the line.
+            enc = tok.encode(text[: max(0, max_len - 1 - len(ids))])
             ids += enc
             labels += enc if in_loss else [IGNORE] * len(enc)
         if len(ids) > max_len - 2:
@@ -214,6 +217,21 @@ def check_vocabulary(items: Sequence[Segments], tok: CharTokenizer, path: str | 
                     f"{flag} {path} {where}: character {new[0]!r} does not occur in --data "
                     "(the demo model's vocabulary is the training data's characters)"
                 )
+
+
+def require_items(
+    examples: Sequence[Example], cut: int, flag: str, path: str | Path, fmt: str,
+    items: Sequence[Segments], limit_name: str,
+) -> None:
+    """At least one example with a label in the loss (see ``workloads.learnable``)."""
+    n = sum(count_items(labels) for _, labels in examples)
+    roles = _roles_of(items) if fmt == "messages" else set
+    require_loss_tokens(n, flag, path, fmt, roles, cut == len(examples), limit_name)
+
+
+def _roles_of(items: Sequence[Segments]) -> Callable[[], set[str]]:
+    # segments() renders each turn as "role: " (not in the loss) then its content.
+    return lambda: {text[:-2] for segs, _ in items for i, (text, _) in enumerate(segs) if i % 2 == 0}
 
 
 @dataclass
@@ -268,15 +286,18 @@ def build_demo(
         items, fmt = file_segments(data, "--data", cache_dir, progress)
         tok = CharTokenizer(sorted({c for segs, _ in items for text, _ in segs for c in text}))
         examples, truncated = char_examples(items, tok, limit)
+        require_items(examples, truncated, "--data", data, fmt, items, f"--max-length {limit} characters")
         extra = {"task": "jsonl", "format": fmt, "data": file_sha256(data), "vocab": "".join(tok.alphabet)}
     max_len = max(len(ids) for ids, _ in examples)
     extra["max_len"] = max_len
     model = demo.build_model(tok.vocab_size, max_len, seed=seed)
     parts = DemoParts(model, examples, tok, extra, file_sha256(data), fmt, truncated)
     if eval_data is not None:
-        eval_items, _ = file_segments(eval_data, "--eval-data", cache_dir, progress)
+        eval_items, eval_fmt = file_segments(eval_data, "--eval-data", cache_dir, progress)
         check_vocabulary(eval_items, tok, eval_data, "--eval-data")
         # Cut to the training context: the model has max_len positions and no more.
         parts.eval_examples, parts.eval_truncated = char_examples(eval_items, tok, max_len)
+        require_items(parts.eval_examples, parts.eval_truncated, "--eval-data", eval_data, eval_fmt,
+                      eval_items, f"the training context of {max_len} characters")
         parts.eval_fingerprint = file_sha256(eval_data)
     return parts

@@ -1,7 +1,8 @@
 """Reading and checking every data file (--data, --eval-data): the one place a path is opened.
 
 A path is first checked to be a regular file (devices, pipes and sockets are refused
-before anything reads them), then read by one of: the demo's text reader (a size
+before anything reads them) within the size ceilings of ``workloads.limits`` (file and
+line), then read as its extension says (never sniffed for archives) by one of: the demo's text reader (a size
 ceiling, UTF-8, the non-empty lines), ``text_lines`` (a ``.txt`` data file), or
 ``load_records`` (``.txt``/``.jsonl``/``.json`` through Hugging Face ``datasets``). A
 file that fails says why in one line naming the flag, the path and, where it can, the
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gradaccum.workloads.errors import WorkloadError
+from gradaccum.workloads.limits import DEMO_MAX_BYTES, check_line_lengths, check_sizes
 
 FORMATS = ("text", "prompt-completion", "messages")
 EXTENSIONS = (".txt", ".jsonl", ".json")
@@ -31,7 +33,7 @@ class TextFileError(ValueError):
     """A --data file that cannot be used."""
 
 
-MAX_DATA_BYTES = 64 * 2**20
+MAX_DATA_BYTES = DEMO_MAX_BYTES
 """--data files larger than this are refused (the demo keeps every example in memory)."""
 MAX_EXAMPLES = 2_000_000
 """--data files with more non-empty lines than this are refused."""
@@ -94,12 +96,14 @@ def file_sha256(path: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_data_file(path: str | Path, flag: str = "--data") -> Path:
-    """The path of a usable data file: regular, a known extension, not blank."""
+def check_data_file(path: str | Path, flag: str = "--data", demo: bool = False) -> Path:
+    """The path of a usable data file: regular, a known extension, within the size ceilings
+    of ``workloads.limits`` (the demo's when ``demo``), not blank."""
     regular_file(path, flag, WorkloadError)
     p = Path(path)
     if p.suffix.lower() not in EXTENSIONS:
         raise WorkloadError(f"{flag} {path}: unknown extension {p.suffix!r}; use .txt, .jsonl or .json")
+    check_sizes(p, flag, p.suffix.lower() != ".txt" and _starts_with_array(p), demo)
     if _is_blank(p):
         raise WorkloadError(f"{flag} {path}: empty file (no examples)")
     return p
@@ -148,6 +152,10 @@ def read_text_lines(path: str | Path, error: type[Exception] = TextFileError) ->
     At most ``MAX_DATA_BYTES`` bytes and ``MAX_EXAMPLES`` lines; ``\\r`` is stripped.
     """
     lines = _nonblank_lines(_decode(read_data_file(path, error=error), path, "--data", error))
+    try:
+        check_line_lengths(path, "--data")
+    except WorkloadError as e:
+        raise error(str(e)) from None
     if not lines:
         raise error(f"--data {path}: no non-empty lines")
     if len(lines) > MAX_EXAMPLES:
@@ -157,7 +165,7 @@ def read_text_lines(path: str | Path, error: type[Exception] = TextFileError) ->
 
 def text_lines(path: str | Path, flag: str) -> list[str]:
     """The non-empty lines of a UTF-8 ``.txt`` data file (checked by ``check_data_file``)."""
-    p = check_data_file(path, flag)
+    p = check_data_file(path, flag, demo=True)
     return _nonblank_lines(_decode(p.read_bytes(), path, flag, WorkloadError))
 
 
@@ -174,21 +182,25 @@ def _nonblank_lines(text: str) -> list[str]:
 
 # --------------------------------------------------------------------- JSON records
 def load_records(
-    path: str | Path, flag: str = "--data", cache_dir: str | None = None, progress: bool = True
+    path: str | Path, flag: str = "--data", cache_dir: str | None = None, progress: bool = True,
+    demo: bool = False,
 ) -> tuple[Any, str]:
     """A data file as a ``datasets.Dataset`` of raw records, and its format (one of FORMATS).
 
-    For ``.txt`` the records are ``{"text": line}`` for the non-empty lines.
+    For ``.txt`` the records are ``{"text": line}`` for the non-empty lines. The file is
+    read as its extension says: never sniffed for (nor opened as) an archive.
     """
     import datasets
 
-    p = check_data_file(path, flag)
+    p = check_data_file(path, flag, demo)
     is_txt = p.suffix.lower() == ".txt"
     with quiet_datasets(progress):
         try:
-            ds = datasets.load_dataset(
-                "text" if is_txt else "json", data_files=str(p), split="train", cache_dir=cache_dir
+            builder = datasets.load_dataset_builder(
+                "text" if is_txt else "json", data_files=str(p), cache_dir=cache_dir
             )
+            builder.download_and_prepare(dl_manager=_plain_files())
+            ds = builder.as_dataset(split="train")
         except Exception as e:  # arrow / datasets raise many types; find the line ourselves
             raise unreadable(p, flag, e) from None
         if is_txt:
@@ -204,6 +216,23 @@ def load_records(
             f"(fields: {', '.join(ds.column_names)})"
         )
     return ds, fmt
+
+
+def _plain_files() -> Any:
+    """A ``datasets`` download manager that hands local files over as they are.
+
+    Its default sniffs every data file for archives and compression (a 1 GiB file of
+    NUL bytes hangs in ``tarfile``) and would decompress a gzip named ``.jsonl``."""
+    import datasets
+
+    class PlainFiles(datasets.DownloadManager):
+        def download(self, url_or_urls: Any) -> Any:
+            return url_or_urls
+
+        def extract(self, path_or_paths: Any) -> Any:
+            return path_or_paths
+
+    return PlainFiles()
 
 
 def detect_format(columns: Sequence[str]) -> str | None:

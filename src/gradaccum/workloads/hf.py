@@ -7,6 +7,11 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +79,8 @@ def load_config(path: str | Path, flag: str = "--model", tokenizer: bool = True)
 
     p = check_model_dir(path, flag, tokenizer)
     try:
-        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # bad JSON, unknown model_type, ...
         raise WorkloadError(f"{flag} {path}: cannot read config.json ({one_line(e, 300, True)})") from None
     if not is_causal_lm(config):
@@ -86,12 +92,55 @@ def load_config(path: str | Path, flag: str = "--model", tokenizer: bool = True)
     return config
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[list[str]]:
+    """No third-party chatter while loading: transformers' log lines are kept (the caller may
+    quote one in its error) instead of printed, and Python warnings are ignored."""
+    import transformers  # noqa: F401  (its logger is configured on import, before we swap handlers)
+
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    root = logging.getLogger("transformers")
+    saved = root.handlers[:], root.level, root.propagate
+    root.handlers, root.propagate = [Keep()], False
+    root.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield kept
+    finally:
+        root.handlers, root.propagate = saved[0], saved[2]
+        root.setLevel(saved[1])
+
+
+_MISMATCH = re.compile(r"ckpt:\s*torch\.Size\(\[([^\]]*)\]\)\s*vs\s*model:\s*torch\.Size\(\[([^\]]*)\]\)")
+
+
+def load_failure(kept: list[str], e: BaseException) -> str:
+    """Why a load failed, in one line: the first tensor whose shape differs, if the load
+    report (kept by ``quiet_transformers``) names one, else the exception's first line."""
+    rows = [ln for rec in kept for ln in rec.splitlines() if "MISMATCH" in ln and _MISMATCH.search(ln)]
+    if rows:
+        m = _MISMATCH.search(rows[0])
+        assert m is not None
+        key = rows[0].split("|")[0].strip()
+        return (f"the weights do not fit config.json ({key}: [{m.group(1)}] in the weights, "
+                f"[{m.group(2)}] by config.json; {len(rows)} tensor group(s) differ)")
+    why = one_line(e, 300, True).replace(" For details look at the above report!", "")
+    return f"cannot load the model ({why})"
+
+
 def load_tokenizer(path: str | Path, flag: str = "--model") -> Any:
     from transformers import AutoTokenizer
 
     check_model_dir(path, flag)
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise WorkloadError(f"{flag} {path}: cannot load the tokenizer ({one_line(e, 300, True)})") from None
 
@@ -124,12 +173,14 @@ def load_model(
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
+    kept: list[str] = []
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype="auto" if want is None else want
-        )
+        with quiet_transformers() as kept:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, dtype="auto" if want is None else want
+            )
     except Exception as e:  # no weights file, weights that do not fit the config, ...
-        raise WorkloadError(f"{flag} {path}: cannot load the model ({one_line(e, 300, True)})") from None
+        raise WorkloadError(f"{flag} {path}: {load_failure(kept, e)}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
