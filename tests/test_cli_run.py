@@ -302,3 +302,20 @@ def test_resume_with_more_steps_extends_a_finished_run(tmp_path, capsys):
     factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (3 - warm) / (5 - warm)))
     assert rows[3]["lr"] == pytest.approx(3e-3 * factor, rel=1e-12)
     assert main(["train", "--steps", "4", *TINY[2:], "--out", str(out), "--resume"]) == 2
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_follow_the_umask(tmp_path, mask):
+    """OUT/model and every file in it (and the other outputs) get the modes the umask asks for."""
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        assert main(["train", "--steps", "1", *TINY[2:], "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "run"
+    assert stat.S_IMODE((out / "model").stat().st_mode) == 0o777 & ~mask
+    for p in [*(out / "model").iterdir(), out / "checkpoint.pt", out / "metrics.jsonl", out / "summary.json"]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p

@@ -253,3 +253,19 @@ def test_generate_imports_neither_peft_nor_the_training_stack(root: Path) -> Non
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
     assert r.stderr == ""  # no progress bars or warnings around the text
+
+
+def test_a_lora_run_given_a_relative_model_records_its_base_absolutely(
+        root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saving side: `train --model ./base --lora-r` writes the base as an absolute path, so the
+    adapter loads from any directory."""
+    data = tmp_path / "data.txt"
+    data.write_text("the cat sat on the mat\nthe dog ran\n" * 8)
+    monkeypatch.chdir(root)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "base", "--data", str(data), "--lora-r", "2", "--steps", "1",
+                 "--effective-batch", "8", "--micro-batch", "4", "--out", str(out)]) == 0
+    cfg = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((root / "base").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(generate(out / "model", "the cat", 2), str)

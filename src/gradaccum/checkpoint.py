@@ -63,6 +63,7 @@ def atomic_write_dir(path: str | Path, write: Any) -> None:
     old = path.parent / f".{path.name}.old"
     try:
         write(tmp)
+        _follow_umask(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
@@ -86,6 +87,16 @@ def remove_stale_temps(folder: str | Path, names: tuple[str, ...]) -> None:
                 continue
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def _follow_umask(root: Path) -> None:
+    """mkdtemp makes 0700 and some writers (safetensors) 0600: give the directory and what is in
+    it the modes the user's umask asks for, so others on a shared machine can load the model."""
+    mask = _umask()
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~mask)
 
 
 def _umask() -> int:

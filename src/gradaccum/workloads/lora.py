@@ -193,6 +193,13 @@ def save_model(
         raise WorkloadError(f"{type(model).__name__}: cannot be saved with save_pretrained")
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    if is_lora(model):
+        # The adapter names its base; a relative path would only load from this directory.
+        for config in model.peft_config.values():
+            base = config.base_model_name_or_path
+            if base and Path(base).exists():
+                config.base_model_name_or_path = str(Path(base).resolve())
+
     def write(tmp: Path) -> None:
         kwargs: dict[str, Any] = {"safe_serialization": True}
         if state_dict is not None:
