@@ -14,10 +14,14 @@ class Console:
         self.speaks = rank == 0
         self.show_bar = (progress if progress is not None else sys.stderr.isatty()) and self.speaks
         self.bar: Any = None
+        self.notes: list[str] = []
+        """Lines the caller wants said first, once the run is sure to start (e.g. what the data holds)."""
 
     def announce(self, shape: Any, out: Any, resumed_at: int | None) -> None:
         if not self.speaks:
             return
+        for note in self.notes:
+            print(f"gradaccum: {note}", flush=True)
         print(f"gradaccum: effective batch {shape.effective_batch} = micro-batch {shape.micro_batch} "
               f"x accum steps {shape.accum_steps} x world size {shape.world_size}; "
               f"{self.steps} steps; outputs -> {out if out is not None else '(none)'}", flush=True)

@@ -62,6 +62,7 @@ def run(opts: argparse.Namespace) -> int:
         except WorkloadError as e:
             raise BadInput(str(e)) from None
     trainer = _trainer(opts, spec, work, precision, micro, out, adaptive, sync_every)
+    trainer.console.notes.append(opts.data_note)  # said once the checkpoint and --out have passed
     try:
         summary = trainer.fit()
     except (CheckpointError, OutDirError) as e:
@@ -120,8 +121,8 @@ def _check_schedule_flags(opts: argparse.Namespace) -> None:
 
 
 def _resolve_schedule(opts: argparse.Namespace, work: Workload) -> None:
-    """Steps (from --epochs if given), the lr and the warm-up this workload gets; says what the
-    steps mean in epochs. Sets ``opts.steps``, ``opts.lr`` and ``opts.warmup``."""
+    """Steps (from --epochs if given), the lr and the warm-up this workload gets, and a line saying
+    what the steps mean in epochs. Sets ``opts.steps``, ``opts.lr``, ``opts.warmup``, ``opts.data_note``."""
     examples, batch = len(work.dataset), opts.effective_batch
     if opts.epochs is not None:
         opts.steps = max(1, math.ceil(opts.epochs * examples / batch))
@@ -139,11 +140,11 @@ def _resolve_schedule(opts: argparse.Namespace, work: Workload) -> None:
         opts.warmup = round(opts.warmup_ratio * opts.steps)
     if opts.warmup > opts.steps:
         raise BadInput(f"--warmup-steps {opts.warmup}: longer than the run ({opts.steps} steps)")
-    if sync.rank() == 0:
-        start = " (at the starting batch)" if opts.effective_batch_auto else ""
-        print(f"gradaccum: data: {examples} examples; an epoch is {examples / batch:.4g} steps of {batch} "
-              f"examples{start}; {opts.steps} steps cover {opts.steps * batch / examples:.3g} epochs; "
-              f"lr {opts.lr:g}, {opts.lr_scheduler} after {opts.warmup} warm-up steps", flush=True)
+    start = " (at the starting batch)" if opts.effective_batch_auto else ""
+    epochs = opts.steps * batch / examples
+    opts.data_note = (f"data: {examples} examples; an epoch is {examples / batch:.4g} steps of {batch} "
+                      f"examples{start}; {opts.steps} steps cover {epochs:.3g} epochs; "
+                      f"lr {opts.lr:g}, {opts.lr_scheduler} after {opts.warmup} warm-up steps")
 
 
 def _check_batch_flags(opts: argparse.Namespace) -> None:
