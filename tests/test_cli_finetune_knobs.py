@@ -127,3 +127,33 @@ def test_bf16_on_a_cpu_says_it_is_slow(data: Path, tmp_path: Path,
     assert main(["train", *TINY, "--data", str(data), "--steps", "1", "--precision", "bf16",
                  "--out", str(tmp_path / "run")]) == 0
     assert "--precision bf16 on a CPU" in capsys.readouterr().err
+
+
+def test_lora_dropout_and_target_modules(llama: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama["model"]), "--data", str(llama["data"]), *TINY, "--steps", "1",
+                 "--lora-r", "2", "--lora-dropout", "0.1", "--lora-target-modules", "q_proj,v_proj",
+                 "--out", str(out)]) == 0
+    cfg = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "v_proj"} and cfg["lora_dropout"] == 0.1
+    trained = [k for k in _ck(out)["model"] if "lora_A" in k]
+    assert trained and all(".q_proj." in k or ".v_proj." in k for k in trained)
+    assert _ck(out)["run"]["--lora-target-modules"] == "q_proj,v_proj"
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--lora-dropout", "0.1"], "--lora-dropout"),
+    (["--lora-target-modules", "q_proj"], "--lora-target-modules"),
+    (["--lora-r", "2", "--lora-dropout", "1"], "--lora-dropout"),
+    (["--lora-r", "2", "--lora-target-modules", "nope_proj"], "--lora-target-modules"),
+])
+def test_bad_lora_knobs(llama: dict[str, Path], tmp_path: Path, args: list[str], flag: str,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        code = main(["train", "--model", str(llama["model"]), "--data", str(llama["data"]), *TINY,
+                     "--steps", "1", *args, "--out", str(tmp_path / "run")])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and flag in err, err
+    assert not (tmp_path / "run").exists()

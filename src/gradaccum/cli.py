@@ -113,6 +113,21 @@ _lr = _positive_float(MAX_LR)
 _non_negative_float = _positive_float(1e6, zero=True)
 
 
+def _dropout(text: str) -> float:
+    v = _non_negative_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or len(names) > 64 or any(len(n) > 100 or not n.replace("_", "").replace(".", "").isalnum()
+                                           for n in names):
+        raise argparse.ArgumentTypeError(f"expected module names separated by commas, got {text[:80]!r}")
+    return names
+
+
 def _fraction(text: str) -> float:
     """A number in [0, 1]."""
     v = _non_negative_float(text)
@@ -286,6 +301,12 @@ def _add_large(p: argparse.ArgumentParser) -> None:
                         "frozen, adapters seeded by --seed, dropout 0); OUT/model holds the adapter")
     p.add_argument("--lora-alpha", type=_positive_float(MAX_LORA_ALPHA), default=None, metavar="F",
                    help="LoRA scaling numerator (default: 2 x --lora-r)")
+    p.add_argument("--lora-dropout", type=_dropout, default=0.0, metavar="F",
+                   help="dropout on the adapters' input, in [0, 1) (0 keeps the micro-batch size from "
+                        "changing anything but rounding)")
+    p.add_argument("--lora-target-modules", type=_names, default=None, metavar="A,B,...",
+                   help="projections to adapt, e.g. q_proj,v_proj (default: every attention and MLP "
+                        "projection)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer state over the torchrun ranks with FSDP2 "
                         "(one fully_shard per decoder layer, then the root) instead of DDP")

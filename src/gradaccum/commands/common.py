@@ -22,6 +22,8 @@ def workload_spec(opts: argparse.Namespace, seed: int = 0, with_eval: bool = Fal
         model=opts.model, data=opts.data, eval_data=opts.eval_data if with_eval else None,
         max_length=opts.max_length, seed=seed, precision=opts.precision,
         lora_r=opts.lora_r if large else None, lora_alpha=opts.lora_alpha if large else None,
+        lora_dropout=opts.lora_dropout if large else 0.0,
+        lora_targets=tuple(opts.lora_target_modules) if large and opts.lora_target_modules else None,
         gradient_checkpointing=opts.gradient_checkpointing if large else False,
         fsdp=opts.fsdp if large else False,
     )
@@ -38,8 +40,10 @@ def load(spec: WorkloadSpec, to_device: bool = True, adapt: bool = True) -> tupl
 def check_large_flags(opts: argparse.Namespace, command: str) -> None:
     """Combinations of --lora-r / --lora-alpha / --fsdp / --gradient-checkpointing that are refused
     up front (exit 2, one line, nothing touched)."""
-    if opts.lora_alpha is not None and opts.lora_r is None:
-        raise BadInput("--lora-alpha: only with --lora-r N (it scales the LoRA adapters)")
+    for flag, value in (("--lora-alpha", opts.lora_alpha), ("--lora-dropout", opts.lora_dropout or None),
+                        ("--lora-target-modules", opts.lora_target_modules)):
+        if value is not None and opts.lora_r is None:
+            raise BadInput(f"{flag}: only with --lora-r N (it configures the LoRA adapters)")
     if not opts.fsdp:
         return
     if opts.precision == "fp16":

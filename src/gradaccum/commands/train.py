@@ -194,6 +194,10 @@ def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, pre
     }
     if spec.lora_r is not None:  # only when given: checkpoints of runs without LoRA stay as they were
         config.update({"--lora-r": spec.lora_r, "--lora-alpha": spec.resolved_lora_alpha})
+        if spec.lora_dropout:
+            config["--lora-dropout"] = spec.lora_dropout
+        if spec.lora_targets:
+            config["--lora-target-modules"] = ",".join(spec.lora_targets)
     if adaptive is not None:
         config["--max-effective-batch"] = adaptive.max_effective_batch
     # Only where they differ from the defaults: checkpoints from before these flags stay resumable.

@@ -56,7 +56,8 @@ def lora_targets(model: nn.Module) -> list[str]:
 
 
 def apply_lora(
-    model: nn.Module, r: int, alpha: float | None = None, seed: int = 0, dropout: float = 0.0
+    model: nn.Module, r: int, alpha: float | None = None, seed: int = 0, dropout: float = 0.0,
+    targets: list[str] | None = None,
 ) -> nn.Module:
     """Wrap ``model`` with LoRA adapters of rank ``r`` on its attention and MLP projections.
 
@@ -65,8 +66,12 @@ def apply_lora(
     adapters' ``A`` matrices are initialised from ``seed`` alone (``B`` is zero, so the
     wrapped model starts equal to the base model); the global RNG is left as it was.
 
+    ``targets``: the projection names to adapt (default :func:`lora_targets`: all of them); each
+    must be one of those (``--lora-target-modules``).
+
     Returns the ``PeftModel``. Raises :class:`WorkloadError` (one line) for ``r < 1``, a
-    negative alpha, dropout outside [0, 1), peft missing, or a model without projections.
+    negative alpha, dropout outside [0, 1), unknown targets, peft missing, or a model without
+    projections.
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise WorkloadError(f"--lora-r {r}: must be an integer >= 1")
@@ -75,15 +80,20 @@ def apply_lora(
     if not (isinstance(alpha, (int, float)) and alpha > 0 and alpha == alpha and alpha != float("inf")):
         raise WorkloadError(f"--lora-alpha {alpha}: must be a positive number")
     if not (0.0 <= dropout < 1.0):
-        raise WorkloadError(f"LoRA dropout {dropout}: must be in [0, 1)")
+        raise WorkloadError(f"--lora-dropout {dropout}: must be in [0, 1)")
     if is_lora(model):
         raise WorkloadError("--lora-r: the model already has LoRA adapters")
     peft = _peft()
-    targets = lora_targets(model)
-    if not targets:
+    available = lora_targets(model)
+    if not available:
         raise WorkloadError(
             f"--lora-r: {type(model).__name__} has no Linear projections in decoder layers to adapt"
         )
+    unknown = sorted(set(targets or ()) - set(available))
+    if unknown:
+        raise WorkloadError(f"--lora-target-modules: {', '.join(unknown)} not among {type(model).__name__}'s "
+                            f"projections ({', '.join(available)})")
+    targets = list(targets) if targets else available
     conv1d = _has_conv1d(model, targets)
     config = peft.LoraConfig(
         r=r,

@@ -39,6 +39,10 @@ class WorkloadSpec:
     """Train rank-r LoRA adapters instead of the weights."""
     lora_alpha: float | None = None
     """LoRA scaling numerator (default: 2 x lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (0: the micro-batch changes nothing but rounding)."""
+    lora_targets: tuple[str, ...] | None = None
+    """Projections to adapt (default: every attention and MLP projection)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward."""
     fsdp: bool = False
@@ -71,7 +75,9 @@ def prepare_workload(spec: WorkloadSpec, to_device: bool = True, adapt: bool = T
     if not adapt:
         return work, precision
     if spec.lora_r is not None:
-        work.model = lora.apply_lora(work.model, spec.lora_r, spec.lora_alpha, seed=spec.seed)
+        targets = list(spec.lora_targets) if spec.lora_targets else None
+        work.model = lora.apply_lora(work.model, spec.lora_r, spec.lora_alpha, seed=spec.seed,
+                                     dropout=spec.lora_dropout, targets=targets)
     if spec.gradient_checkpointing:
         lora.enable_gradient_checkpointing(work.model)
     # Adapters train in fp32 whatever the base dtype: fp32 buffers only for low-precision trained weights.
