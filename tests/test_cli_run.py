@@ -319,3 +319,29 @@ def test_outputs_follow_the_umask(tmp_path, mask):
     assert stat.S_IMODE((out / "model").stat().st_mode) == 0o777 & ~mask
     for p in [*(out / "model").iterdir(), out / "checkpoint.pt", out / "metrics.jsonl", out / "summary.json"]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+
+
+@pytest.mark.parametrize(("argv", "code"), [
+    (["train", "--help"], 0),
+    (["train", "--data", "{tmp}/missing.txt"], 2),
+    (["train", "--model", "{tmp}/no-such-model", "--data", "{tmp}/missing.txt"], 2),
+    (["plan", "--data", "{tmp}"], 2),
+    (["train", "--steps", "0"], 2),
+])
+def test_help_and_input_checks_answer_before_torch_is_imported(tmp_path, argv, code):
+    """--help and bad flags or files are answered without importing torch (seconds of imports):
+    a stand-in torch that refuses to import proves it."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), *sys.path])
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    p = subprocess.run([sys.executable, "-m", "gradaccum", *args], capture_output=True, text=True, env=env,
+                       timeout=60, cwd=tmp_path)
+    assert p.returncode == code, p.stderr
+    assert "Traceback" not in p.stderr and "torch was imported" not in p.stderr
+    assert code == 0 or len(p.stderr.strip().splitlines()) == 1

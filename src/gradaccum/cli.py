@@ -17,7 +17,7 @@ import sys
 from typing import Any, NoReturn
 
 from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH
-from gradaccum.commands import BadInput, RunFailed
+from gradaccum.commands import BadInput, RunFailed, precheck
 from gradaccum.commands.defaults import (
     DEFAULT_LR,
     DEFAULT_LR_FULL,
@@ -359,13 +359,11 @@ def main(argv: list[str] | None = None, *, trainer_options: dict[str, Any] | Non
     if opts.command is None:
         parser.print_help()
         return 0
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The built-in model is far too small to gain from intra-op threads, and on a
-        # busy machine their spin-waiting made a step 50x slower (measured). Opt back in
-        # with OMP_NUM_THREADS.
-        import torch
-
-        torch.set_num_threads(1)
+    try:
+        precheck.inputs(opts)  # before the command's imports (torch, transformers: seconds)
+    except BadInput as e:
+        print(f"gradaccum {opts.command}: error: {e}", file=sys.stderr)
+        return 2
     return _dispatch(opts)
 
 
@@ -373,10 +371,17 @@ def _dispatch(opts: argparse.Namespace) -> int:
     """Run the command; map its failures to exit codes and one line on stderr."""
     import importlib
 
+    import torch
+
     from gradaccum import distributed
 
-    command = importlib.import_module(f"gradaccum.commands.{opts.command}")
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The built-in model is far too small to gain from intra-op threads, and on a
+        # busy machine their spin-waiting made a step 50x slower (measured). Opt back in
+        # with OMP_NUM_THREADS.
+        torch.set_num_threads(1)
     try:
+        command = importlib.import_module(f"gradaccum.commands.{opts.command}")
         distributed.setup_from_env()
         return int(command.run(opts))
     except (BadInput, distributed.DistributedSetupError) as e:

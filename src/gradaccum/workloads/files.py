@@ -23,6 +23,9 @@ from typing import Any
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.limits import DEMO_MAX_BYTES, check_line_lengths, check_sizes
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Any of these makes a directory hold a tokenizer."""
+
 FORMATS = ("text", "prompt-completion", "messages")
 EXTENSIONS = (".txt", ".jsonl", ".json")
 KNOWN_FIELDS = "text, prompt+completion or messages"
@@ -94,6 +97,19 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def check_model_dir(path: str | Path, flag: str = "--model", tokenizer: bool = True) -> Path:
+    """``path`` as a directory with a config.json (and tokenizer files, unless told not to)."""
+    p = Path(path)
+    if not p.is_dir():
+        what = "no such directory" if not p.exists() else "not a directory"
+        raise WorkloadError(f"{flag} {path}: {what} (expected a Hugging Face model directory or 'demo')")
+    if not (p / "config.json").is_file():
+        raise WorkloadError(f"{flag} {path}: no config.json (not a Hugging Face model directory)")
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise WorkloadError(f"{flag} {path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return p
 
 
 def check_data_file(path: str | Path, flag: str = "--data", demo: bool = False) -> Path:

@@ -21,8 +21,8 @@ from torch import nn
 from gradaccum import losses
 from gradaccum.errors import one_line
 from gradaccum.workloads.errors import WorkloadError
+from gradaccum.workloads.files import TOKENIZER_FILES, check_model_dir  # noqa: F401 - public here too
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 """Any one of these marks a directory that has a tokenizer."""
 
 DTYPES: dict[str, torch.dtype | None] = {
@@ -34,19 +34,6 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
     "auto": None,  # as saved (config's dtype)
 }
-
-
-def check_model_dir(path: str | Path, flag: str = "--model", tokenizer: bool = True) -> Path:
-    """``path`` as a directory with a config.json (and tokenizer files, unless told not to)."""
-    p = Path(path)
-    if not p.is_dir():
-        what = "no such directory" if not p.exists() else "not a directory"
-        raise WorkloadError(f"{flag} {path}: {what} (expected a Hugging Face model directory or 'demo')")
-    if not (p / "config.json").is_file():
-        raise WorkloadError(f"{flag} {path}: no config.json (not a Hugging Face model directory)")
-    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise WorkloadError(f"{flag} {path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
-    return p
 
 
 def is_causal_lm(config: Any) -> bool:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from gradaccum.workloads.errors import WorkloadError
 
@@ -40,11 +42,15 @@ class Precision:
     def fsdp_dtypes(self) -> tuple[torch.dtype | None, torch.dtype | None]:
         """FSDP2's MixedPrecisionPolicy (param_dtype, reduce_dtype): bf16 compute and fp32
         gradient reduction for bf16, else none."""
+        import torch  # here and below: the command line reads PRECISIONS before torch is imported
+
         return (torch.bfloat16, torch.float32) if self.name == "bf16" else (None, None)
 
 
 def resolve(name: str, device: torch.device, fsdp: bool = False, lora: bool = False) -> Precision:
     """``--precision NAME`` on ``device``; ``fsdp``/``lora``: the run shards / trains adapters."""
+    import torch
+
     on_cuda = device.type == "cuda"
     if name not in PRECISIONS:
         raise WorkloadError(f"--precision {name}: not one of {', '.join(PRECISIONS)}")
@@ -62,6 +68,8 @@ def resolve(name: str, device: torch.device, fsdp: bool = False, lora: bool = Fa
 
 def device() -> torch.device:
     """This process's device: its CUDA device under torchrun (LOCAL_RANK), else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

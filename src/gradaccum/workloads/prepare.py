@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from gradaccum import sync
-from gradaccum.workloads import Workload, build_workload, hf, lora
+from gradaccum.workloads import hf, lora
+from gradaccum.workloads.build import Workload, build_workload
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.precision import Precision, device, resolve
 

@@ -1,0 +1,32 @@
+"""The checks of --model / --data / --eval-data that need no torch: run before a command's module
+(and with it torch and transformers, seconds of imports) is loaded, so a missing file is said at
+once. The commands check the same inputs again, fully, when they build the workload."""
+
+from __future__ import annotations
+
+import argparse
+
+from gradaccum.commands import BadInput
+from gradaccum.workloads.errors import WorkloadError
+from gradaccum.workloads.files import check_data_file, check_model_dir
+
+TRAINS = ("train", "plan", "bench", "compare", "check")
+"""Commands that build a --model/--data workload (check: without a TARGET)."""
+
+
+def inputs(opts: argparse.Namespace) -> None:
+    """BadInput (one line) for a --model directory or a data file that can never be used."""
+    if opts.command not in TRAINS or (opts.command == "check" and opts.target is not None):
+        return
+    demo = opts.model == "demo"
+    try:
+        if not demo:
+            # plan can read a directory with config.json alone (no tokenizer, no weights)
+            check_model_dir(opts.model, tokenizer=opts.command != "plan")
+        if opts.data is not None:
+            check_data_file(opts.data, "--data", demo=demo)
+        eval_data = getattr(opts, "eval_data", None)  # train's flag alone
+        if eval_data is not None:
+            check_data_file(eval_data, "--eval-data", demo=demo)
+    except WorkloadError as e:
+        raise BadInput(str(e)) from None
