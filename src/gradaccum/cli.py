@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 from typing import Any, NoReturn
 
 from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH
 from gradaccum.commands import BadInput, RunFailed, precheck
+from gradaccum.commands.argtypes import (
+    batch_int,
+    dropout,
+    effective,
+    fraction,
+    int_at_least,
+    lr,
+    micro,
+    names,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    size,
+)
 from gradaccum.commands.defaults import (
     DEFAULT_LR,
     DEFAULT_LR_FULL,
@@ -32,12 +45,10 @@ from gradaccum.stream import DEFAULT_MICRO_CAP
 from gradaccum.workloads.precision import PRECISIONS
 
 DEFAULT_OUT = "runs/gradaccum"
-MAX_EFFECTIVE_BATCH = 2**20  # examples per optimizer step: far beyond any real run, refused up front
 MAX_SEED = 2**32 - 1
 MAX_REPEATS = 1000
 MAX_LORA_R = 65536
 MAX_EPOCHS = 1e6
-MAX_LR = 1e3  # far above any real learning rate (AdamW ~1e-5..1e-2, large-batch SGD ~10)
 MAX_LORA_ALPHA = 2.0**20  # alpha / r scales the adapters' output: beyond this it only overflows
 
 
@@ -59,92 +70,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or text
 
 
-def _int_at_least(low: int, high: int | None = None) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-        if high is not None and v > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {_short_int(v)}")
-        return v
-
-    return parse
-
-
-def _short_int(v: int) -> str:
-    text = str(v)
-    return text if len(text) <= 20 else f"{text[:6]}...({len(text)} digits)"
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-_batch_int = _int_at_least(1, MAX_EFFECTIVE_BATCH)
-
-
-def _micro(text: str) -> int | str:
-    return "auto" if text.strip().lower() == "auto" else _batch_int(text)
-
-
-_effective = _micro  # N or "auto"
-
-
-def _positive_float(high: float, zero: bool = False) -> Any:
-    """A positive number (or 0, with ``zero``) up to ``high``: beyond it training can only overflow."""
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (math.isfinite(v) and (v > 0 or (zero and v == 0))):
-            raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero else 'positive'} number, "
-                                             f"got {text}")
-        if v > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
-        return v
-
-    return parse
-
-
-_lr = _positive_float(MAX_LR)
-_non_negative_float = _positive_float(1e6, zero=True)
-
-
-def _dropout(text: str) -> float:
-    v = _non_negative_float(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or len(names) > 64 or any(len(n) > 100 or not n.replace("_", "").replace(".", "").isalnum()
-                                           for n in names):
-        raise argparse.ArgumentTypeError(f"expected module names separated by commas, got {text[:80]!r}")
-    return names
-
-
-def _fraction(text: str) -> float:
-    """A number in [0, 1]."""
-    v = _non_negative_float(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return v
-
-
-def _size(text: str) -> int:
-    from gradaccum._sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from gradaccum import __version__
 
@@ -162,51 +87,51 @@ def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", formatter_class=_HelpFormatter,
                        help="train the built-in demo, or --model DIR on --data FILE, with accumulation")
     _add_common(t, auto=True)
-    t.add_argument("--max-effective-batch", type=_batch_int, default=None, metavar="N",
+    t.add_argument("--max-effective-batch", type=batch_int, default=None, metavar="N",
                    help="with --effective-batch auto: the largest effective batch it may grow to "
                         f"(default: {DEFAULT_MAX_EFFECTIVE_BATCH})")
     t.add_argument("--eval-data", default=None, metavar="FILE",
                    help="held-out data in --data's formats: its exact item-mean loss is logged as eval_loss "
                         "(the demo evaluates on held-out generated puzzles)")
-    t.add_argument("--eval-every", type=_non_negative_int, default=None, metavar="N",
+    t.add_argument("--eval-every", type=non_negative_int, default=None, metavar="N",
                    help="evaluate every N steps and at the end (default: ten times per run; "
                         "0: only at the end)")
     t.add_argument("--no-noise-scale", action="store_true",
                    help="do not measure the gradient noise scale / critical batch")
-    t.add_argument("--micro-batch", type=_micro, default=None, metavar="N|auto",
+    t.add_argument("--micro-batch", type=micro, default=None, metavar="N|auto",
                    help="examples per forward/backward (default: the largest divisor of the per-rank "
                         f"batch up to {DEFAULT_MICRO_CAP}; auto: plan it from --memory-budget)")
     _add_schedule(t)
-    t.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, metavar="N",
+    t.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, metavar="N",
                    help="seeds data order and initialisation")
     t.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output directory")
     t.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT/checkpoint.pt (the flags that define the run must match)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, such an --out is refused)")
-    t.add_argument("--checkpoint-every", type=_non_negative_int, default=50, metavar="N",
+    t.add_argument("--checkpoint-every", type=non_negative_int, default=50, metavar="N",
                    help="save a checkpoint every N steps (0: only at the end; always on SIGTERM/SIGINT)")
 
 
 def _add_schedule(t: argparse.ArgumentParser) -> None:
     """How long and how fast: steps or epochs, the learning rate and its schedule, the optimizer."""
-    t.add_argument("--steps", type=_int_at_least(1, MAX_STEPS), default=None, metavar="N",
+    t.add_argument("--steps", type=int_at_least(1, MAX_STEPS), default=None, metavar="N",
                    help=f"optimizer steps in the whole run (default: {DEFAULT_STEPS}); or give --epochs")
-    t.add_argument("--epochs", type=_positive_float(MAX_EPOCHS), default=None, metavar="F",
+    t.add_argument("--epochs", type=positive_float(MAX_EPOCHS), default=None, metavar="F",
                    help="passes over --data instead of --steps: steps = ceil(F x examples / effective batch)")
-    t.add_argument("--lr", type=_lr, default=None, metavar="F",
+    t.add_argument("--lr", type=lr, default=None, metavar="F",
                    help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g}); with --model DIR the "
                         f"default is {DEFAULT_LR_FULL:g}, or {DEFAULT_LR_LORA:g} with --lora-r")
     t.add_argument("--lr-scheduler", choices=SCHEDULES, default="cosine",
                    help="after the linear warm-up: cosine decay to 10%% of the peak, linear decay to 0, or "
                         "constant")
-    t.add_argument("--warmup-steps", type=_non_negative_int, default=None, metavar="N",
+    t.add_argument("--warmup-steps", type=non_negative_int, default=None, metavar="N",
                    help="linear warm-up steps (default: a tenth of the run, between 1 and 20)")
-    t.add_argument("--warmup-ratio", type=_fraction, default=None, metavar="F",
+    t.add_argument("--warmup-ratio", type=fraction, default=None, metavar="F",
                    help="warm-up as a fraction of the run's steps (instead of --warmup-steps)")
-    t.add_argument("--weight-decay", type=_fraction, default=DEFAULT_WEIGHT_DECAY, metavar="F",
+    t.add_argument("--weight-decay", type=fraction, default=DEFAULT_WEIGHT_DECAY, metavar="F",
                    help="AdamW's decoupled weight decay")
-    t.add_argument("--max-grad-norm", type=_non_negative_float, default=DEFAULT_MAX_GRAD_NORM, metavar="F",
+    t.add_argument("--max-grad-norm", type=non_negative_float, default=DEFAULT_MAX_GRAD_NORM, metavar="F",
                    help="clip the accumulated gradient's L2 norm to F (0: no clipping)")
 
 
@@ -214,7 +139,7 @@ def _add_plan(sub: Any) -> None:
     pl = sub.add_parser("plan", help="choose the micro-batch that fits a memory budget",
                         formatter_class=_HelpFormatter)
     _add_common(pl)
-    pl.add_argument("--world-size", type=_int_at_least(1, 1 << 20), default=None, metavar="N",
+    pl.add_argument("--world-size", type=int_at_least(1, 1 << 20), default=None, metavar="N",
                     help="plan for N ranks from this one process (default: torchrun's world size, or 1); "
                          "with --fsdp, the number of shards")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
@@ -227,7 +152,7 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--out", default="runs/bench", metavar="DIR",
                    help="directory for bench.png and bench.json")
-    b.add_argument("--repeats", type=_int_at_least(1, MAX_REPEATS), default=3, metavar="N",
+    b.add_argument("--repeats", type=int_at_least(1, MAX_REPEATS), default=3, metavar="N",
                    help="timed windows per micro-batch")
 
 
@@ -235,16 +160,16 @@ def _add_compare(sub: Any) -> None:
     c = sub.add_parser("compare", formatter_class=_HelpFormatter,
                        help="full batch vs accumulated vs mean-of-means vs small batch, in one picture")
     _add_workload(c)
-    c.add_argument("--effective-batch", type=_batch_int, default=64, metavar="N",
+    c.add_argument("--effective-batch", type=batch_int, default=64, metavar="N",
                    help="examples per optimizer step")
-    c.add_argument("--micro-batch", type=_batch_int, default=8, metavar="N",
+    c.add_argument("--micro-batch", type=batch_int, default=8, metavar="N",
                    help="examples per micro-batch (and the batch of 'small')")
-    c.add_argument("--steps", type=_int_at_least(1, 100_000), default=40, metavar="N",
+    c.add_argument("--steps", type=int_at_least(1, 100_000), default=40, metavar="N",
                    help="optimizer steps of the effective batch")
-    c.add_argument("--lr", type=_lr, default=DEFAULT_LR, metavar="F", help="learning rate (AdamW, constant)")
-    c.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, metavar="N",
+    c.add_argument("--lr", type=lr, default=DEFAULT_LR, metavar="F", help="learning rate (AdamW, constant)")
+    c.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, metavar="N",
                    help="seeds data order and initialisation")
-    c.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+    c.add_argument("--memory-budget", type=size, default=None, metavar="SIZE",
                    help="memory 'full' may use (default: as for plan)")
     c.add_argument("--out", default="runs/compare", metavar="DIR",
                    help="directory for compare.json and compare.png")
@@ -258,9 +183,9 @@ def _add_check(sub: Any) -> None:
                    help="FILE.py:FUNCTION or module:function returning (model, loss_fn, batch); "
                         "without it, the --model/--data workload is checked")
     _add_workload(k)
-    k.add_argument("--micro-batch", type=_batch_int, default=2, metavar="N",
+    k.add_argument("--micro-batch", type=batch_int, default=2, metavar="N",
                    help="micro-batch size to compare against the full batch")
-    k.add_argument("--batch", type=_batch_int, default=8, metavar="N",
+    k.add_argument("--batch", type=batch_int, default=8, metavar="N",
                    help="without TARGET: examples of --data in the checked batch")
 
 
@@ -273,18 +198,18 @@ def _add_generate(sub: Any) -> None:
                         "its base_model_name_or_path names, the adapter on top (needs peft: "
                         'pip install "gradaccum[lora]")')
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
-    g.add_argument("--max-new-tokens", type=_int_at_least(1, 100_000), default=64, metavar="N",
+    g.add_argument("--max-new-tokens", type=int_at_least(1, 100_000), default=64, metavar="N",
                    help="tokens to generate at most")
     g.add_argument("--chat", action="store_true",
                    help="send --prompt as one user turn in the tokenizer's chat template and continue with "
                         "the assistant's reply")
-    g.add_argument("--temperature", type=_positive_float(100.0, zero=True), default=0.0, metavar="F",
+    g.add_argument("--temperature", type=positive_float(100.0, zero=True), default=0.0, metavar="F",
                    help="0: greedy (the most likely token each time); between 0.001 and 100: sample, "
                         "sharper below 1, flatter above")
-    g.add_argument("--top-p", type=_fraction, default=None, metavar="F",
+    g.add_argument("--top-p", type=fraction, default=None, metavar="F",
                    help="with --temperature > 0: sample only from the most likely tokens that together "
                         "hold probability F, in (0, 1] (default: 1, all tokens; top-k is off)")
-    g.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=None, metavar="N",
+    g.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=None, metavar="N",
                    help="with --temperature > 0: seeds the sampling; the same seed gives the same text "
                         "(default: 0)")
     g.add_argument("--merge-lora", action="store_true",
@@ -296,15 +221,15 @@ def _add_generate(sub: Any) -> None:
 
 def _add_large(p: argparse.ArgumentParser) -> None:
     """Issue 12's flags: LoRA, FSDP2 and activation checkpointing (train, plan, bench)."""
-    p.add_argument("--lora-r", type=_int_at_least(1, MAX_LORA_R), default=None, metavar="N",
+    p.add_argument("--lora-r", type=int_at_least(1, MAX_LORA_R), default=None, metavar="N",
                    help="train rank-N LoRA adapters on every attention and MLP projection (base weights "
                         "frozen, adapters seeded by --seed, dropout 0); OUT/model holds the adapter")
-    p.add_argument("--lora-alpha", type=_positive_float(MAX_LORA_ALPHA), default=None, metavar="F",
+    p.add_argument("--lora-alpha", type=positive_float(MAX_LORA_ALPHA), default=None, metavar="F",
                    help="LoRA scaling numerator (default: 2 x --lora-r)")
-    p.add_argument("--lora-dropout", type=_dropout, default=0.0, metavar="F",
+    p.add_argument("--lora-dropout", type=dropout, default=0.0, metavar="F",
                    help="dropout on the adapters' input, in [0, 1) (0 keeps the micro-batch size from "
                         "changing anything but rounding)")
-    p.add_argument("--lora-target-modules", type=_names, default=None, metavar="A,B,...",
+    p.add_argument("--lora-target-modules", type=names, default=None, metavar="A,B,...",
                    help="projections to adapt, e.g. q_proj,v_proj (default: every attention and MLP "
                         "projection)")
     p.add_argument("--fsdp", action="store_true",
@@ -316,12 +241,12 @@ def _add_large(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, auto: bool = False) -> None:
-    p.add_argument("--effective-batch", type=_effective if auto else _batch_int, default=128,
+    p.add_argument("--effective-batch", type=effective if auto else batch_int, default=128,
                    metavar="N|auto" if auto else "N",
                    help="examples per optimizer step over all ranks"
                         + ("; auto: start at two micro-batches and grow with the measured critical batch"
                            if auto else ""))
-    p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+    p.add_argument("--memory-budget", type=size, default=None, metavar="SIZE",
                    help="bytes available, e.g. 2GiB, 500MB (default: the free memory of the CUDA device; "
                         "on CPU, half of the available RAM)")
     _add_workload(p)
@@ -335,7 +260,7 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="FILE",
                    help=".txt (one example per non-empty line) or .jsonl/.json with text, prompt+completion "
                         "or messages (default: the built-in generated task; required with --model DIR)")
-    p.add_argument("--max-length", type=_int_at_least(3, 10**7), default=None, metavar="N",
+    p.add_argument("--max-length", type=int_at_least(3, 10**7), default=None, metavar="N",
                    help="cut examples to N tokens (default: the model's context; demo: 128)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a CUDA device that supports it, else fp32; bf16: bf16 "

@@ -8,7 +8,7 @@ import argparse
 
 from gradaccum.commands import BadInput
 from gradaccum.workloads.errors import WorkloadError
-from gradaccum.workloads.files import check_data_file, check_model_dir
+from gradaccum.workloads.files import check_data_file, check_model_dir, regular_file
 
 TRAINS = ("train", "plan", "bench", "compare", "check")
 """Commands that build a --model/--data workload (check: without a TARGET)."""
@@ -23,10 +23,10 @@ def inputs(opts: argparse.Namespace) -> None:
         if not demo:
             # plan can read a directory with config.json alone (no tokenizer, no weights)
             check_model_dir(opts.model, tokenizer=opts.command != "plan")
-        if opts.data is not None:
-            check_data_file(opts.data, "--data", demo=demo)
-        eval_data = getattr(opts, "eval_data", None)  # train's flag alone
-        if eval_data is not None:
-            check_data_file(eval_data, "--eval-data", demo=demo)
+        eval_data = opts.eval_data if opts.command == "train" else None  # train's flag alone
+        for flag, path in (("--data", opts.data), ("--eval-data", eval_data)):
+            if path is not None:
+                # The demo reads text its own way (and says so); here only what is never usable.
+                regular_file(path, flag, WorkloadError) if demo else check_data_file(path, flag)
     except WorkloadError as e:
         raise BadInput(str(e)) from None
