@@ -273,7 +273,7 @@ def scenario_ddp(out: Path) -> None:
     record["manual"] = _run_variant(_tiny_lm(), DDP_PHASES, counter)
     record["ddp_every"] = _run_variant(wrapped(), EVERY_PHASES, counter, every=True)
     torch.save(record, out / f"rank{r}.pt")
-    distributed.teardown()
+    finish_together()
 
 
 def count_reduce_scatter(counter: list[int]) -> None:
@@ -318,7 +318,7 @@ def scenario_fsdp(out: Path) -> None:
     record["fsdp"] = _run_variant(sharded(), FSDP_PHASES, counter)
     record["fsdp_every"] = _run_variant(sharded(), EVERY_PHASES, counter, every=True)
     torch.save(record, out / f"rank{r}.pt")
-    distributed.teardown()
+    finish_together()
 
 
 # Extra-parameter scenario: (window, per-rank micro-batch sizes); accum_steps 2, so the
@@ -367,7 +367,7 @@ def scenario_ddp_params(out: Path) -> None:
             acc.flush()
     torch.save({"params": [_full(p) for p in lm.parameters()] + [temperature.detach().clone()]},
                out / f"rank{r}.pt")
-    distributed.teardown()
+    finish_together()
 
 
 def scenario_mismatch(out: Path) -> None:
@@ -400,7 +400,7 @@ def scenario_mismatch(out: Path) -> None:
     # Both ranks dropped the window and can go on together.
     res = acc.step(window_data("after", 0, r, [2]), lm_loss_fn)
     torch.save({"messages": messages, "after_step": res.step}, out / f"rank{r}.pt")
-    distributed.teardown()
+    finish_together()
 
 
 NOISE_SIZES = [[4, 4, 4], [2, 6, 3]]  # per rank: micro-batch sizes of every window
@@ -434,6 +434,17 @@ def scenario_noise(out: Path) -> None:
                     res = acc.backward(*squared_error(wrapped, (x[idx], y[idx])))
         record[variant] = res.noise_scale
     torch.save(record, out / f"rank{r}.pt")
+    finish_together()
+
+
+def finish_together() -> None:
+    """Leave the process group together: under load a rank that tears down while its peer is
+    still in a collective can abort the peer's gloo threads at exit (seen as rc -6)."""
+    import torch.distributed as dist
+
+    from gradaccum import distributed
+
+    dist.barrier()
     distributed.teardown()
 
 
