@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from conftest import lm_loss_fn, make_lm, params_of, random_micro_batches
 from hf_fixtures import SPECIALS, WORDS, corpus, make_llama_dir
-from test_cli_bad_input import ENV, assert_refused, tree_digest
+from test_cli_bad_input import ENV, assert_refused, run_in_process, tree_digest
 from torch import nn
 
 import gradaccum as ga
 from gradaccum import Accumulator
-from gradaccum.cli import main
 from gradaccum.generate import MAX_PROMPT_CHARS, PromptError, generate
 
 # Resolved at collection, before any test imports the submodule gradaccum.check: importing it
@@ -31,14 +30,7 @@ from gradaccum.generate import MAX_PROMPT_CHARS, PromptError, generate
 check = ga.check
 
 
-def _main(argv: list[str], capfd: Any) -> subprocess.CompletedProcess:
-    capfd.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+_main = run_in_process
 
 
 def _refused_in_process(root: Path, argv: list[str], capfd: Any, words: tuple[str, ...]) -> None:

@@ -4,12 +4,22 @@ has taken its first step. Bad input: exit 2, one line, nothing on disk changed."
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli_bad_input import DATA, NEW, RESUME, TINY, Case, _prepared, assert_refused, finished, tree_digest
+from test_cli_bad_input import (
+    DATA,
+    NEW,
+    RESUME,
+    TINY,
+    Case,
+    _prepared,
+    assert_refused,
+    finished,
+    run_in_process,
+    tree_digest,
+)
 
 import gradaccum.demo
 from gradaccum.cli import main
@@ -38,13 +48,7 @@ def test_refused_in_one_line_touching_nothing(tmp_path: Path, finished: Path, ca
                                               capfd: pytest.CaptureFixture[str]) -> None:
     tmp, args = _prepared(tmp_path, finished, case)
     before = tree_digest(tmp)
-    capfd.readouterr()
-    try:
-        code = main([case.command, *args])
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capfd.readouterr()
-    assert_refused(subprocess.CompletedProcess([], code, out, err), case.command, case.words)
+    assert_refused(run_in_process([case.command, *args], capfd), case.command, case.words)
     assert tree_digest(tmp) == before
 
 

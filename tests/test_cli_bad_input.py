@@ -217,6 +217,17 @@ def run_cli(command: str, args: list[str], env: dict[str, str] | None = None) ->
                           timeout=120, env={**ENV, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
+def run_in_process(argv: list[str], capfd: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """``main(argv)`` with its exit code and what it printed, as a subprocess would report them."""
+    capfd.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 def assert_refused(r: subprocess.CompletedProcess, command: str, words: tuple[str, ...]) -> None:
     err = r.stderr.strip()
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
@@ -266,13 +277,7 @@ def test_bad_input_in_process(tmp_path, finished, case, capfd, monkeypatch):
         monkeypatch.setenv(k, v)
     tmp, args = _prepared(tmp_path, finished, case)
     before = tree_digest(tmp)
-    capfd.readouterr()
-    try:
-        code = main([case.command, *args])
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capfd.readouterr()
-    assert_refused(subprocess.CompletedProcess([], code, out, err), case.command, case.words)
+    assert_refused(run_in_process([case.command, *args], capfd), case.command, case.words)
     assert tree_digest(tmp) == before
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import hf_fixtures as hx
 import pytest
 import torch
-from test_cli_bad_input import ENV, assert_refused, tree_digest
+from test_cli_bad_input import ENV, assert_refused, run_in_process, tree_digest
 
 from gradaccum.cli import main
 from gradaccum.generate import PromptError, generate, merged_dir
@@ -66,14 +66,7 @@ def _peft_model(base: Path, adapter: Path) -> Any:
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
 
 
-def _run(argv: list[str], capfd: Any) -> subprocess.CompletedProcess:
-    capfd.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+_run = run_in_process
 
 
 def _refused(root: Path, argv: list[str], capfd: Any, *words: str) -> None:
