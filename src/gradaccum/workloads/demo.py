@@ -45,6 +45,8 @@ TEXT_MAX_LEN = 128
 KINDS = ("reversal", "addition")
 
 Segments = tuple[list[tuple[str, bool]], bool]
+Scores = dict[str, dict[str, float]]
+"""Per puzzle kind: ``{"exact_match": ..., "per_char": ...}`` (see ``score_answers``)."""
 
 
 # ------------------------------------------------------------------ the generated task
@@ -98,12 +100,12 @@ def heldout_puzzles(train: Sequence[Example], size: int = EVAL_SIZE, seed: int =
 
 
 @torch.no_grad()
-def puzzle_accuracy(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int = 256) -> dict[str, float]:
-    """Exact-match accuracy per puzzle kind under greedy decoding: answer then EOS, nothing else.
+def greedy_answers(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int = 256) -> list[list[int]]:
+    """For each puzzle (in order), the first ``len(answer) + 1`` tokens greedy decoding writes.
 
     Prompts are batched by length, so no padding (and no position shift) is involved;
-    a puzzle is right when the first ``len(answer) + 1`` generated tokens are the
-    answer and EOS, which is what greedy generation up to EOS would print.
+    the tokens are what greedy generation up to EOS would print (fewer where the model's
+    context runs out).
     """
     was_training = model.training
     model.eval()
@@ -111,30 +113,59 @@ def puzzle_accuracy(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int
     limit = getattr(getattr(model, "config", None), "n_positions", None) or TASK_MAX_LEN
     # transformers 5.2x renamed the KV-cache argument (and output) past_key_values -> cache
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    by_len: dict[int, list[Puzzle]] = defaultdict(list)
-    for p in puzzles:
-        by_len[len(p.prompt)].append(p)
-    right: Counter[str] = Counter()
-    total: Counter[str] = Counter()
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(puzzles):
+        by_len[len(p.prompt)].append(i)
+    answers: list[list[int]] = [[] for _ in puzzles]
     try:
         for length, group in sorted(by_len.items()):
             for i in range(0, len(group), batch_size):
                 chunk = group[i : i + batch_size]
-                targets = [TASK_TOKENIZER.encode(p.answer) + [EOS] for p in chunk]
-                ids = torch.tensor([[BOS, *TASK_TOKENIZER.encode(p.prompt)] for p in chunk], device=device)
-                steps = min(max(map(len, targets)), limit - ids.shape[1])
+                prompts = [[BOS, *TASK_TOKENIZER.encode(puzzles[j].prompt)] for j in chunk]
+                ids = torch.tensor(prompts, device=device)
+                steps = min(max(len(puzzles[j].answer) + 1 for j in chunk), limit - ids.shape[1])
                 out = model(input_ids=ids, use_cache=True)  # then one token at a time, with the KV cache
                 for _ in range(steps):
                     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                     ids = torch.cat([ids, nxt], dim=1)
                     out = model(input_ids=nxt, use_cache=True, **{cache_kw: out[cache_kw]})
-                generated = ids[:, 1 + length :].tolist()
-                for p, t, g in zip(chunk, targets, generated, strict=True):
-                    total[p.kind] += 1
-                    right[p.kind] += g[: len(t)] == t
+                for j, generated in zip(chunk, ids[:, 1 + length :].tolist(), strict=True):
+                    answers[j] = generated[: len(puzzles[j].answer) + 1]
     finally:
         model.train(was_training)
-    return {k: right[k] / total[k] for k in KINDS if total[k]}
+    return answers
+
+
+def score_answers(puzzles: Sequence[Puzzle], answers: Sequence[Sequence[int]]) -> Scores:
+    """Per puzzle kind: ``exact_match``, the share of puzzles answered exactly (answer, then
+    EOS), and ``per_char``, the share of answer characters written right in their place.
+
+    ``per_char`` shows partial progress (most digits of a sum right) that exact match hides.
+    """
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    chars_right: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    for p, got in zip(puzzles, answers, strict=True):
+        want = TASK_TOKENIZER.encode(p.answer)
+        total[p.kind] += 1
+        right[p.kind] += list(got[: len(want) + 1]) == [*want, EOS]
+        chars[p.kind] += len(want)
+        chars_right[p.kind] += sum(g == w for g, w in zip(got, want, strict=False))
+    return {
+        k: {"exact_match": right[k] / total[k], "per_char": chars_right[k] / chars[k]}
+        for k in KINDS if total[k]
+    }
+
+
+def puzzle_scores(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int = 256) -> Scores:
+    """Exact-match and per-character accuracy per puzzle kind under greedy decoding."""
+    return score_answers(puzzles, greedy_answers(model, puzzles, batch_size))
+
+
+def puzzle_accuracy(model: nn.Module, puzzles: Sequence[Puzzle], batch_size: int = 256) -> dict[str, float]:
+    """Exact-match accuracy per puzzle kind under greedy decoding: answer then EOS, nothing else."""
+    return {k: v["exact_match"] for k, v in puzzle_scores(model, puzzles, batch_size).items()}
 
 
 # ------------------------------------------------------------ --data at character level
