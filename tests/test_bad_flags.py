@@ -113,3 +113,11 @@ def test_the_critical_batch_speaks_only_once_settled() -> None:
              "critical_batch_measured_steps": 4}
     assert closing_lines(early) == ["the critical batch has not settled yet (4 measured steps; the last "
                                     "estimates span 8.0x): train longer before reading it"]
+
+
+def test_the_demo_reports_answer_characters_right_with_what_it_means() -> None:
+    lines = closing_lines({"accuracy": {"reversal": 0.99, "addition": 0.01},
+                           "char_accuracy": {"reversal": 0.998, "addition": 0.62}})
+    assert lines[1] == ("answer characters right: reversal 99.8%, addition 62.0% (exact match counts a "
+                        "puzzle only when its whole answer is right; the share of characters shows the "
+                        "progress before that)")

@@ -247,10 +247,16 @@ def model_saver(work: Workload) -> Any:
 
 
 def final_metrics(work: Workload) -> Any:
-    if work.accuracy_fn is None:
+    if work.scores_fn is None:
         return None
-    accuracy = work.accuracy_fn
-    return lambda model: {"accuracy": accuracy(model)}
+    scores = work.scores_fn
+
+    def metrics(model: Any) -> dict[str, Any]:
+        by_kind = scores(model)
+        return {"accuracy": {k: v["exact_match"] for k, v in by_kind.items()},
+                "char_accuracy": {k: v["per_char"] for k, v in by_kind.items()}}
+
+    return metrics
 
 
 def closing_lines(summary: dict[str, Any]) -> list[str]:
@@ -262,6 +268,10 @@ def closing_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("accuracy"):
         acc = ", ".join(f"{kind} {v:.1%}" for kind, v in summary["accuracy"].items())
         lines.append(f"exact-match accuracy on held-out puzzles: {acc}")
+    if summary.get("char_accuracy"):
+        chars = ", ".join(f"{kind} {v:.1%}" for kind, v in summary["char_accuracy"].items())
+        lines.append(f"answer characters right: {chars} (exact match counts a puzzle only when its whole "
+                     "answer is right; the share of characters shows the progress before that)")
     critical, batch = summary.get("critical_batch"), summary.get("effective_batch")
     if critical is None or not batch:
         return lines

@@ -69,6 +69,9 @@ class Workload:
     info: dict[str, Any] = field(default_factory=dict)
     """Figures for start-up lines / summary (examples, items, max_length, ...)."""
 
+    scores_fn: Callable[[nn.Module], dict[str, dict[str, float]]] | None = None
+    """Demo task only: per puzzle kind, exact match and the share of answer characters right."""
+
     def examples_for_items(self, items: float) -> float:
         """Convert an item count (tokens: e.g. the noise scale) to examples, at the mean rate."""
         return items / self.mean_items if self.mean_items > 0 else float("nan")
@@ -145,6 +148,8 @@ def _demo_workload(
             else None
         ),
         info={"examples": len(parts.examples), "max_length": parts.extra_state["max_len"]},
+        scores_fn=(functools.partial(demo_workload.puzzle_scores, puzzles=parts.puzzles)
+                   if parts.puzzles else None),
     )
 
 
