@@ -259,6 +259,7 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
     losses = [r["loss"] for r in rows if not r.get("skipped")]
     evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     critical = [r["critical_batch"] for r in rows if r.get("critical_batch") is not None]
+    settled, spread = critical_batch_settled(critical)
     return {
         "steps": steps,
         "effective_batch": shape.effective_batch,
@@ -273,8 +274,8 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
         "elapsed_s": rows[-1]["elapsed_s"] if rows else None,
         "final_eval_loss": evals[-1] if evals else None,
         "critical_batch": critical[-1] if critical else None,
-        "critical_batch_settled": critical_batch_settled(critical)[0],
-        "critical_batch_spread": critical_batch_settled(critical)[1] if critical else None,
+        "critical_batch_settled": settled,
+        "critical_batch_spread": spread if critical else None,
         "critical_batch_measured_steps": len(critical),
         "noise_scale": next((r["noise_scale"] for r in reversed(rows) if r.get("noise_scale")), None),
         "effective_batch_auto": auto_batch,
