@@ -44,16 +44,69 @@ def count_targets(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tens
 
 
 def causal_lm(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    per: str = "token",
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss: position t predicts ``labels[..., t + 1]``.
 
-    ``logits`` is ``(B, T, V)`` and ``labels`` is ``(B, T)``. Only the shifted,
-    non-ignored labels are counted, so a sequence of L real tokens contributes L - 1.
+    ``logits`` is ``(B, T, V)`` and ``labels`` is ``(B, T)``. ``per="token"`` returns (the
+    sum over the shifted, non-ignored labels, their count), so a sequence of L real tokens
+    contributes L - 1. ``per="sequence"`` returns (the sum over sequences of each
+    sequence's token-mean, the number of sequences): a sequence is a row, or, given
+    ``position_ids`` of a packed row, each run that starts where ``position_ids`` is 0.
+    A sequence with no counted label counts as none.
     """
     if logits.dim() < 2 or logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match: "
             "expected logits (B, T, V) and labels (B, T)"
         )
-    return cross_entropy(logits[..., :-1, :], labels[..., 1:], ignore_index)
+    if per == "token":
+        if position_ids is not None:
+            raise ValueError("position_ids is only used with per='sequence'")
+        return cross_entropy(logits[..., :-1, :], labels[..., 1:], ignore_index)
+    if per != "sequence":
+        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
+    return _per_sequence(logits, labels, ignore_index, position_ids)
+
+
+def sequence_ids(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One id per position, distinct across rows and across the examples packed in a row
+    (a new one wherever ``position_ids`` is 0); same shape as ``labels``."""
+    rows = labels.reshape(-1, labels.shape[-1])
+    if position_ids is None:
+        ids = torch.arange(rows.shape[0], device=labels.device).unsqueeze(1).expand_as(rows)
+        return ids.reshape(labels.shape)
+    if position_ids.shape != labels.shape:
+        raise ValueError(
+            f"position_ids {tuple(position_ids.shape)} must match labels {tuple(labels.shape)}"
+        )
+    starts = position_ids.reshape(rows.shape) == 0
+    starts[:, 0] = True  # a row always starts a sequence, whatever its first position
+    ids = starts.flatten().cumsum(0) - 1  # row-major, so ids never collide across rows
+    return ids.reshape(labels.shape)
+
+
+def _per_sequence(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The label at t + 1 belongs to the sequence of position t + 1: in a packed row the
+    # first label of each example is masked, so no example is predicted from another.
+    ids = sequence_ids(labels, position_ids)[..., 1:].reshape(-1)
+    targets = labels[..., 1:].reshape(-1)
+    flat = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    per_token = F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="none")
+    counted = targets != ignore_index
+    size = labels.numel()
+    sums = per_token.new_zeros(size).index_add_(0, ids, per_token)
+    counts = torch.zeros(size, dtype=torch.int64, device=labels.device).index_add_(
+        0, ids, counted.long()
+    )
+    has = counts > 0
+    means = sums / counts.clamp(min=1).to(sums.dtype)
+    return (means * has).sum(), has.sum()
