@@ -19,6 +19,7 @@ from torch import nn
 from gradaccum import sync
 from gradaccum._grads import WindowGrads
 from gradaccum._guards import AccumulatorStateError, check_loss, check_skip_limit, count_items
+from gradaccum.cached import CachedWindow, EncodeFn, WindowLossFn
 from gradaccum.noise import NoiseScale, NormProbe, SmallBatchSums
 
 
@@ -53,8 +54,11 @@ class Window:
             h.remove()
         self.hooks = []
 
-    def add(self, loss_sum: torch.Tensor, n: int | float | torch.Tensor, synced: bool) -> None:
-        """Count one micro-batch, after its backward: its loss, its items, its gradient norm."""
+    def add(
+        self, loss_sum: torch.Tensor, n: int | float | torch.Tensor, synced: bool, micro: int = 1
+    ) -> None:
+        """Count one micro-batch, after its backward: its loss, its items, its gradient norm
+        (``micro``: a ``step_cached`` window's micro-batches, counted at once with no probe)."""
         d = loss_sum.detach().to(torch.float64)
         self.loss = d if self.loss is None else self.loss + d
         if isinstance(n, torch.Tensor):
@@ -62,7 +66,7 @@ class Window:
             self.items_t = n if self.items_t is None else self.items_t + n
         else:
             self.items_num += n
-        self.micro += 1
+        self.micro += micro
         self.synced = synced
         if self.probe is not None:
             self.probe.record(n)
@@ -175,6 +179,39 @@ class WindowEngine:
         self._window.close()
         self._window = self._new_window()
 
+    def _open_step(self, call: str, functions: dict[str, tuple[Any, str]]) -> None:
+        """Before a window of ``step()`` / ``step_cached()``: the state checks, the user's functions
+        (name -> (function, how it is called)), then the ranks' boundary vote."""
+        if self._in_micro or self._in_step:
+            raise AccumulatorStateError(f"{call} inside micro_step()/step()")
+        if self._window.micro:
+            raise AccumulatorStateError(f"{call} while a micro_step() window is open: call flush() first")
+        for name, (fn, usage) in functions.items():
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable: {usage}")
+        if self._checks_boundaries():
+            self._agree_on_boundary(closing_complete=True)
+
+    def _cached_window(
+        self, micro_batches: Iterable[Any], encode: EncodeFn, window_loss: WindowLossFn, sync_every: bool
+    ) -> None:
+        """``step_cached``'s window, up to its close (:mod:`gradaccum.cached`); dropped if anything raises."""
+        self._in_step = True
+        try:
+            window = CachedWindow()
+            window.encode(self.model, micro_batches, encode)
+            # No noise probe: a coupled loss has no additive per-micro-batch gradients to measure.
+            self._window.probe = None
+            self._window.open(self._grads)
+            loss_sum, n = window.loss_backward(window_loss, self._grads, self.grad_scaler)
+            window.reencode(self.model, encode, sync_every)
+            self._window.add(loss_sum, n, synced=True, micro=len(window))
+        except BaseException:
+            self._discard_window()
+            raise
+        finally:
+            self._in_step = False
+
     def _backward(self, loss_sum: Any, num_items: Any, synced: bool) -> None:
         """One micro-batch's backward. If it raises, a window it opened is closed again (hooks,
         stray gradients), so a retry opens it once and counts exactly as if the call never happened."""
@@ -198,7 +235,7 @@ class WindowEngine:
 
     def _update_noise(self, totals: WindowTotals) -> float | None:
         """measure_noise: feed the window to the estimator (the same numbers on every rank)."""
-        if self._noise is None:
+        if self._noise is None or not totals.noise_sums:  # a step_cached window has no probe
             return None
         # The normalised window gradient is S / B, so |S|² = (norm · B)².
         small = SmallBatchSums(*totals.noise_sums)

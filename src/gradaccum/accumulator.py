@@ -30,6 +30,7 @@ from gradaccum._guards import (
     warn_batchnorm,
 )
 from gradaccum._window import WindowEngine, flag_last
+from gradaccum.cached import EncodeFn, WindowLossFn
 from gradaccum.noise import NoiseScale
 
 # AccumulatorStateError, count_items and the gradient helpers stay importable from here:
@@ -218,16 +219,7 @@ class Accumulator(WindowEngine):
     # ----------------------------------------------------------------- shape (b)
     def step(self, micro_batches: Iterable[Any], loss_fn: LossFn) -> StepResult:
         """Run ``loss_fn(model, mb)`` on every micro-batch of the iterable as ONE window."""
-        if self._in_micro or self._in_step:
-            raise AccumulatorStateError("step() inside micro_step()/step()")
-        if self._window.micro:
-            raise AccumulatorStateError(
-                "step() while a micro_step() window is open: call flush() first"
-            )
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(model, micro_batch)")
-        if self._checks_boundaries():
-            self._agree_on_boundary(closing_complete=True)
+        self._open_step("step()", {"loss_fn": (loss_fn, "loss_fn(model, micro_batch)")})
         pairs = flag_last(micro_batches)
         self._in_step = True
         try:
@@ -246,6 +238,25 @@ class Accumulator(WindowEngine):
             self._in_step = False
         if not self._window.micro:
             raise ValueError("step() got no micro-batches")
+        return self._finish_window()
+
+    def step_cached(
+        self, micro_batches: Iterable[Any], encode: EncodeFn, window_loss: WindowLossFn
+    ) -> StepResult:
+        """One window of a loss that couples its examples (in-batch negatives), made exact by a
+        representation cache (:mod:`gradaccum.cached`).
+
+        ``encode(model, micro) -> Tensor | tuple[Tensor, ...]`` gives a micro-batch's
+        representations (rows along dim 0). ``window_loss(reps) -> (loss_sum, num_items)`` runs
+        once, on the window's representations concatenated in micro-batch order, then rank order.
+        Each micro-batch is encoded twice: without grad, then with grad under the same torch RNG
+        state (dropout replays). The step follows the full-batch gradient of loss_sum / num_items,
+        with clipping, skipping, scheduler, grad_dtype, grad_scaler and one sync as in ``step()``;
+        ``StepResult.noise_scale`` is None (no additive per-micro-batch gradients to measure).
+        """
+        self._open_step("step_cached()", {"encode": (encode, "encode(model, micro_batch) -> reps"),
+                                          "window_loss": (window_loss, "window_loss(reps) -> (loss_sum, n)")})
+        self._cached_window(micro_batches, encode, window_loss, self.sync_every_micro_batch)
         return self._finish_window()
 
     def discard(self) -> None:

@@ -110,3 +110,44 @@ def _per_sequence(
     has = counts > 0
     means = sums / counts.clamp(min=1).to(sums.dtype)
     return (means * has).sum(), has.sum()
+
+
+def info_nce(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: float | torch.Tensor,
+    negatives: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Contrastive loss with in-batch negatives (InfoNCE; sentence-transformers'
+    MultipleNegativesRankingLoss is this with ``temperature = 1 / scale = 0.05``).
+
+    Row i of ``queries`` ``(N, D)`` is scored against every key: its positive ``keys[i]``,
+    the other N - 1 keys ``(N, D)``, and every row of ``negatives`` ``(M, D)`` (hard
+    negatives, appended to the candidates). The score is the COSINE similarity divided by
+    ``temperature`` (a float, or a 0-dim tensor: a learnable temperature gets its gradient);
+    the loss is the cross-entropy of row i's scores against its positive. Returns (the sum
+    over the N rows, N). It couples the rows, so it is not a sum over micro-batches: use it as
+    ``window_loss`` in ``Accumulator.step_cached``, which computes it on the whole window.
+    """
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape != keys.shape:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must both be (N, D), "
+            "row i of keys the positive of row i of queries"
+        )
+    candidates = keys
+    if negatives is not None:
+        if negatives.dim() != 2 or negatives.shape[1] != keys.shape[1]:
+            raise ValueError(f"negatives {tuple(negatives.shape)} must be (M, {keys.shape[1]})")
+        candidates = torch.cat([keys, negatives])
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a single number, got shape {tuple(temperature.shape)}")
+        temperature = temperature.reshape(())
+    elif not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    low = (torch.float16, torch.bfloat16)
+    q = F.normalize(queries.float() if queries.dtype in low else queries, dim=-1)
+    c = F.normalize(candidates.float() if candidates.dtype in low else candidates, dim=-1)
+    scores = q @ c.T / temperature
+    targets = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(scores, targets, reduction="sum"), int(q.shape[0])

@@ -331,6 +331,30 @@ def agree_on_boundary(closing_complete: bool, open_micro: int, device: torch.dev
     return BoundaryVotes(int(complete), int(flushing), int(total))
 
 
+# --------------------------------------------------------------------------- step_cached
+def gather_rows(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """[distributed] Each tensor's rows from every rank, in rank order (ranks may hold different
+    counts). Only this rank's rows carry gradient, and only back to this rank: the loss on them
+    is computed identically on every rank, so each rank keeps its own rows' share (no reduction)."""
+    if world_size() == 1:
+        return list(tensors)
+    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=tensors[0].device)
+    every = [torch.empty_like(counts) for _ in range(world_size())]
+    dist.all_gather(every, counts)
+    rows = torch.stack(every).tolist()  # [rank][tensor]
+    out = []
+    for i, t in enumerate(tensors):
+        most = max(r[i] for r in rows)
+        padded = t.detach().new_zeros((most, *t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        slots = [torch.empty_like(padded) for _ in rows]
+        dist.all_gather(slots, padded)
+        parts = [s[: r[i]] for s, r in zip(slots, rows, strict=True)]
+        parts[rank()] = t  # with its graph: the gradient of this rank's own rows
+        out.append(torch.cat(parts))
+    return out
+
+
 # --------------------------------------------------------------------------- small agreements
 def any_rank(flag: bool) -> bool:
     """True if ``flag`` is True on any rank (one tiny all-reduce; no collective on one process)."""
