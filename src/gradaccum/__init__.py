@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gradaccum import losses, noise
     from gradaccum.accumulator import Accumulator, AccumulatorStateError, StepResult
-    from gradaccum.batching import split
+    from gradaccum.batching import pack, split
     from gradaccum.check import Finding, Report, check
     from gradaccum.memory import BudgetTooSmall, Plan, plan
     from gradaccum.trainer import Trainer
@@ -24,6 +24,7 @@ _HOMES = {
     "AccumulatorStateError": "gradaccum.accumulator",
     "StepResult": "gradaccum.accumulator",
     "split": "gradaccum.batching",
+    "pack": "gradaccum.batching",
     "Finding": "gradaccum.check",
     "Report": "gradaccum.check",
     "BudgetTooSmall": "gradaccum.memory",
@@ -45,6 +46,7 @@ __all__ = [
     "check",
     "losses",
     "noise",
+    "pack",
     "plan",
     "split",
 ]

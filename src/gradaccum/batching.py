@@ -79,3 +79,121 @@ def split(batch: Any, micro_batch_size: int) -> list[Any]:
         _slice(batch, i * micro_batch_size, min(n, (i + 1) * micro_batch_size))
         for i in range(math.ceil(n / micro_batch_size))
     ]
+
+
+# --------------------------------------------------------------------------- packing
+IGNORE_INDEX = -100
+
+
+def example_length(example: Any) -> int:
+    """Tokens of one example: ``{"input_ids": ...}`` or an ``(input_ids, labels)`` pair."""
+    ids = example["input_ids"] if isinstance(example, dict) else example[0]
+    return len(ids)
+
+
+def token_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive runs of example indices whose lengths sum to at most ``max_tokens`` each.
+
+    In order, so a window's micro-batches hold the same examples however they are grouped."""
+    groups: list[list[int]] = []
+    used = max_tokens + 1
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"max_tokens {max_tokens} is smaller than example {i} ({n} tokens)")
+        if used + n > max_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
+
+
+def _rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the examples of one micro-batch in as few rows as it finds."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        slot = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            free.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        free[slot] -= lengths[i]
+    return rows
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(R, 1, W, W)`` additive mask: 0 where a token may attend (same example, not later),
+    the dtype's minimum elsewhere. Examples start where ``position_ids`` is 0."""
+    segments = (position_ids == 0).cumsum(-1)
+    same = segments.unsqueeze(-1) == segments.unsqueeze(-2)
+    width = position_ids.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    mask = torch.zeros(same.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~(same & causal), torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _pack_rows(
+    examples: list[Any], rows: list[list[int]], pad_id: int, attention: str
+) -> dict[str, torch.Tensor]:
+    width = max(sum(example_length(examples[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding: one-token examples
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ex = examples[i]
+            ids = ex["input_ids"] if isinstance(ex, dict) else ex[0]
+            lab = ex["labels"] if isinstance(ex, dict) else ex[1]
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.as_tensor(ids, dtype=torch.long)
+            labels[r, at:at + n] = torch.as_tensor(lab, dtype=torch.long)
+            labels[r, at] = IGNORE_INDEX  # never predict an example from the one before it
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if attention == "mask":
+        batch["attention_mask"] = block_causal_mask(position_ids)
+    return batch
+
+
+def pack(
+    examples: Any,
+    max_tokens: int,
+    max_row_tokens: int | None = None,
+    pad_id: int = 0,
+    attention: str = "mask",
+) -> list[dict[str, torch.Tensor]]:
+    """Pack examples into micro-batches of at most ``max_tokens`` real tokens each.
+
+    ``examples``: dicts with ``input_ids`` and ``labels`` (or ``(input_ids, labels)`` pairs),
+    consecutive runs of them per micro-batch, in order. Each micro-batch is a dict of
+    ``input_ids``, ``labels`` (each example's first label masked), ``position_ids``
+    (restarting at 0 per example) and, with ``attention="mask"``, a 4-D additive
+    ``attention_mask`` confining attention to each example (float32; cast it to the
+    model's dtype). ``attention="position_ids"`` leaves the mask out, for attention
+    implementations that find the examples from ``position_ids`` (flash-attention).
+    Rows hold at most ``max_row_tokens`` (default ``max_tokens``: one row each) and are
+    right-padded with ``pad_id``. ``model(**batch)`` minus ``labels`` is the forward.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    capacity = max_tokens if max_row_tokens is None else max_row_tokens
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"max_row_tokens must be a positive int, got {max_row_tokens!r}")
+    if attention not in ("mask", "position_ids"):
+        raise ValueError(f"attention must be 'mask' or 'position_ids', got {attention!r}")
+    examples = list(examples)
+    lengths = [example_length(ex) for ex in examples]
+    if any(n < 1 for n in lengths):
+        raise ValueError("examples must have at least one token each")
+    longest = max(lengths, default=0)
+    if longest > capacity:
+        raise ValueError(f"max_row_tokens {capacity} is smaller than the longest example ({longest} tokens)")
+    out = []
+    for group in token_groups(lengths, max_tokens):
+        rows = _rows([lengths[i] for i in group], capacity)
+        out.append(_pack_rows([examples[i] for i in group], rows, pad_id, attention))
+    return out

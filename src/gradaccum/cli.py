@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH
 from gradaccum.commands import BadInput, RunFailed, precheck
 from gradaccum.commands.argtypes import (
+    LOSS_PER,
     batch_int,
     dropout,
     effective,
@@ -101,6 +102,9 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--micro-batch", type=micro, default=None, metavar="N|auto",
                    help="examples per forward/backward (default: the largest divisor of the per-rank "
                         f"batch up to {DEFAULT_MICRO_CAP}; auto: plan it from --memory-budget)")
+    t.add_argument("--micro-batch-tokens", type=int_at_least(1, 10**9), default=None, metavar="N",
+                   help="with --packing: micro-batches of at most N tokens (the same examples per step), in "
+                        "rows no longer than the longest example allowed; instead of --micro-batch")
     _add_schedule(t)
     t.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, metavar="N",
                    help="seeds data order and initialisation")
@@ -262,6 +266,14 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                         "or messages (default: the built-in generated task; required with --model DIR)")
     p.add_argument("--max-length", type=int_at_least(3, 10**7), default=None, metavar="N",
                    help="cut examples to N tokens (default: the model's context; demo: 128)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack each micro-batch's examples into rows (position_ids restart per example, "
+                        "attention kept within each example, verified on the model): no compute on padding; "
+                        "the same examples per step and the same result up to rounding")
+    p.add_argument("--loss-per", choices=LOSS_PER, default="token",
+                   help="token: the mean over the window's loss tokens; sequence: the mean over its "
+                        "sequences of each one's token mean")
+    p.set_defaults(micro_batch_tokens=None)  # a train flag; the other commands never budget in tokens
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a CUDA device that supports it, else fp32; bf16: bf16 "
                         "weights with fp32 gradient accumulation; fp16: fp16 autocast with loss scaling "

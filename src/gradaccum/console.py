@@ -17,13 +17,14 @@ class Console:
         self.notes: list[str] = []
         """Lines the caller wants said first, once the run is sure to start (e.g. what the data holds)."""
 
-    def announce(self, shape: Any, out: Any, resumed_at: int | None) -> None:
+    def announce(self, shape: Any, out: Any, resumed_at: int | None, tokens: int | None = None) -> None:
         if not self.speaks:
             return
         for note in self.notes:
             print(f"gradaccum: {note}", flush=True)
-        print(f"gradaccum: effective batch {shape.effective_batch} = micro-batch {shape.micro_batch} "
-              f"x accum steps {shape.accum_steps} x world size {shape.world_size}; "
+        split = (f"micro-batch {shape.micro_batch} x accum steps {shape.accum_steps}" if tokens is None
+                 else f"{shape.per_rank} examples in micro-batches of at most {tokens} tokens")
+        print(f"gradaccum: effective batch {shape.effective_batch} = {split} x world size {shape.world_size}; "
               f"{self.steps} steps; outputs -> {out if out is not None else '(none)'}", flush=True)
         if resumed_at is not None:
             print(f"gradaccum: resuming from step {resumed_at} of {self.steps}", flush=True)

@@ -107,6 +107,11 @@ class TrainerSettings:
 
     weight_decay: float = 0.01
     """The default AdamW's decoupled weight decay."""
+    micro_batch_tokens: int | None = None
+    """A token budget per micro-batch instead of ``micro_batch`` examples: each window's
+    examples (the same ones) go in consecutive runs of at most this many tokens, so the
+    number of micro-batches varies by window and by rank; ``collate_fn`` packs each run.
+    An out-of-memory error replays the window at half the budget."""
 
     def check(self) -> None:
         """ValueError naming the first setting that cannot be (the Trainer calls it first)."""
@@ -120,4 +125,7 @@ class TrainerSettings:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if len(self.dataset) == 0:
             raise ValueError("the dataset is empty")
+        tokens = self.micro_batch_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"micro_batch_tokens must be a positive integer, got {tokens!r}")
         outdir.check_mode(self.resume, self.overwrite)

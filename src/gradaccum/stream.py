@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_MICRO_CAP = 16
 """The default micro-batch: the largest divisor of the per-rank batch up to this."""
@@ -69,6 +69,18 @@ class BatchShape:
     def with_micro_batch(self, micro_batch: int) -> BatchShape:
         """The same effective batch in micro-batches of another size (the OOM replay)."""
         return replace(self, micro_batch=micro_batch)
+
+
+class WindowShape(NamedTuple):
+    """One window as it ran, where it differs from the BatchShape: with a token budget the
+    number of micro-batches (and so their mean size) varies from window to window."""
+
+    effective_batch: int
+    micro_batch: int
+    """Examples per micro-batch on rank 0, rounded up."""
+    accum_steps: int
+    """Micro-batches of the window on rank 0."""
+    world_size: int
 
 
 def check_divides_world(effective_batch: int, world_size: int) -> None:

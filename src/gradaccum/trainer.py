@@ -15,7 +15,7 @@ import contextlib
 import gc
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +26,16 @@ from torch import nn
 from gradaccum import adaptive as adaptive_batch
 from gradaccum import outdir, resume, runlog, sync
 from gradaccum.accumulator import Accumulator, StepResult
-from gradaccum.adaptive import lr_rule_for
+from gradaccum.batching import example_length, token_groups
 from gradaccum.console import Console
+from gradaccum.engine import build_engine, device_type
 from gradaccum.evaluation import evaluate_loss
 from gradaccum.outdir import CHECKPOINT, METRICS, MODEL_DIR, PLOT, SUMMARY, OutDirError
 from gradaccum.runlog import OutputWriteError, plot_losses
 from gradaccum.schedules import recompute_current_lr
 from gradaccum.settings import TrainerSettings
 from gradaccum.stopping import Stopped, StopSignals
-from gradaccum.stream import BatchShape, next_smaller_micro_batch, rank_indices, stream_indices
+from gradaccum.stream import BatchShape, WindowShape, next_smaller_micro_batch, rank_indices, stream_indices
 
 __all__ = ["CHECKPOINT", "METRICS", "PLOT", "SUMMARY", "OutDirError", "OutputWriteError", "Stopped",
            "Trainer", "plot_losses", "stream_indices"]
@@ -86,10 +87,25 @@ class Trainer(TrainerSettings):
     def micro_batches(self, step: int | None = None) -> Iterator[Any]:
         """This rank's micro-batches of the current step (or of ``step`` at a fixed effective
         batch), collated lazily one at a time."""
+        for group in self.window_groups(step):
+            yield self.collate_fn([self.dataset[j] for j in group])
+
+    def window_groups(self, step: int | None = None) -> list[list[int]]:
+        """This rank's dataset indices of the current step (or ``step``), one list per micro-batch:
+        ``micro_batch`` examples each, or consecutive runs within ``micro_batch_tokens``."""
         position = self.run.position if step is None else step * self.effective_batch
         idx = rank_indices(len(self.dataset), self.seed, position, self.shape, self.rank)
-        for i in range(0, len(idx), self.micro_batch):
-            yield self.collate_fn([self.dataset[j] for j in idx[i : i + self.micro_batch]])
+        if self.micro_batch_tokens is None:
+            return [idx[i : i + self.micro_batch] for i in range(0, len(idx), self.micro_batch)]
+        lengths = [example_length(self.dataset[j]) for j in idx]
+        return [[idx[i] for i in run] for run in token_groups(lengths, self.micro_batch_tokens)]
+
+    def _ran(self, acc: Accumulator) -> BatchShape | WindowShape:
+        """The shape the last window ran in (a token budget changes it from window to window)."""
+        if self.micro_batch_tokens is None:
+            return self.shape
+        return WindowShape(self.effective_batch, -(-self.shape.per_rank // acc.accum_steps), acc.accum_steps,
+                           self.world_size)
 
     def _set_shape(self, shape: BatchShape, acc: Accumulator) -> None:
         self.shape, self.effective_batch, self.micro_batch = shape, shape.effective_batch, shape.micro_batch
@@ -120,7 +136,7 @@ class Trainer(TrainerSettings):
         try:
             if out is not None and self.rank == 0:
                 self._prepare_outputs(out)
-            self.console.announce(self.shape, out, start if self.resume else None)
+            self.console.announce(self.shape, out, start if self.resume else None, self.micro_batch_tokens)
             return self._loop(acc, opt, sched, out)
         finally:
             if lock is not None:
@@ -150,7 +166,7 @@ class Trainer(TrainerSettings):
                     self.run.position += self.effective_batch
                     now = time.perf_counter() - t0
                     elapsed = self.run.elapsed_s = elapsed_before + now
-                    row = self.rows.row(result, step, self.shape, self.run.position, elapsed, now)
+                    row = self.rows.row(result, step, self._ran(acc), self.run.position, elapsed, now)
                     if self._eval_due(step + 1):
                         row["eval_loss"] = self.evaluate()
                     if self.adaptive is not None:
@@ -203,6 +219,9 @@ class Trainer(TrainerSettings):
             result = self._window(acc)
             if result is not None:
                 return result
+            if self.micro_batch_tokens is not None:
+                self._halve_token_budget(step)
+                continue
             smaller = next_smaller_micro_batch(self.shape.per_rank, self.micro_batch)
             if smaller is None:
                 raise RuntimeError(f"out of memory at step {step + 1} even with micro-batch 1")
@@ -211,14 +230,29 @@ class Trainer(TrainerSettings):
             self.console.say(f"out of memory with micro-batch {old}; replaying step {step + 1} with "
                              f"micro-batch {self.micro_batch} x accum steps {self.accum_steps}")
 
+    def _halve_token_budget(self, step: int) -> None:
+        """The OOM replay with a token budget: half of it, never below the window's longest example."""
+        assert self.micro_batch_tokens is not None
+        longest = max(example_length(self.dataset[j]) for group in self.window_groups() for j in group)
+        old = self.micro_batch_tokens
+        if old <= longest:
+            raise RuntimeError(f"out of memory at step {step + 1} even with micro-batch tokens {old} "
+                               f"(the window's longest example)")
+        self.micro_batch_tokens = max(longest, old // 2)
+        self.console.say(f"out of memory with micro-batch tokens {old}; replaying step {step + 1} with "
+                         f"{self.micro_batch_tokens} tokens per micro-batch")
+
     def _window(self, acc: Accumulator) -> StepResult | None:
         """Run the window; None when this or another rank ran out of memory (window discarded)."""
         agree = self.oom_replay and self.world_size > 1 and self._agrees_on_oom()
         result: StepResult | None = None
         agreed = False
+        groups = self.window_groups()
+        acc.accum_steps = len(groups)  # varies by window (and rank) with a token budget
         try:
-            for i, mb in enumerate(self.micro_batches()):
-                if agree and i == self.accum_steps - 1:
+            for i, group in enumerate(groups):
+                mb = self.collate_fn([self.dataset[j] for j in group])
+                if agree and i == acc.accum_steps - 1:
                     # Before the last micro-batch (whose backward syncs gradients) every
                     # rank says whether it ran out of memory, so all replay together.
                     agreed = True
@@ -251,7 +285,7 @@ class Trainer(TrainerSettings):
     def _autocast(self) -> Any:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(_device_type(self.train_model), dtype=self.autocast_dtype)
+        return torch.autocast(device_type(self.train_model), dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------ eval, adaptive batch
     def _eval_due(self, done: int) -> bool:
@@ -263,7 +297,16 @@ class Trainer(TrainerSettings):
         """Exact item-mean loss over ``eval_dataset`` (Σ loss_sum / Σ num_items, all ranks)."""
         assert self.eval_dataset is not None
         return evaluate_loss(self._unwrapped(), self.eval_dataset, self.loss_fn, self.collate_fn,
-                             self.micro_batch, self._autocast)
+                             self._eval_micro_batch(), self._autocast)
+
+    def _eval_micro_batch(self) -> int:
+        """Held-out examples per micro-batch: ``micro_batch``, or as many of the longest as the token
+        budget holds."""
+        if self.micro_batch_tokens is None:
+            return self.micro_batch
+        assert self.eval_dataset is not None
+        longest = max(example_length(ex) for ex in self.eval_dataset)
+        return max(1, self.micro_batch_tokens // longest)
 
     def _adapt(self, acc: Accumulator, opt: torch.optim.Optimizer, sched: Any, critical: float | None
                ) -> None:
@@ -339,36 +382,3 @@ class Trainer(TrainerSettings):
                     raise runlog.run_write_error(out / name, e, self.run.last_saved,
                                                  "writing it at the end of the run") from None
         return summary
-
-
-def build_engine(settings: TrainerSettings, model: nn.Module
-                 ) -> tuple[torch.optim.Optimizer, Any, Accumulator]:
-    """The optimizer (trainable parameters only), the schedule and the Accumulator of a run."""
-    # Only what trains: frozen weights (a LoRA base model) get no optimizer state.
-    params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    opt = (settings.optimizer_factory or _adamw(settings.lr, settings.weight_decay))(params)
-    sched = settings.scheduler_factory(opt) if settings.scheduler_factory else None
-    if settings.adaptive is not None:
-        settings.adaptive.lr_rule = lr_rule_for(opt)  # sqrt for Adam-family, linear for SGD
-    scaler = None
-    if settings.autocast_dtype == torch.float16:
-        scaler = torch.amp.GradScaler(_device_type(model))  # fp16 needs loss scaling
-    shape = BatchShape(settings.effective_batch, settings.micro_batch, sync.world_size())
-    acc = Accumulator(
-        model, opt, shape.accum_steps, scheduler=sched, max_grad_norm=settings.max_grad_norm,
-        grad_dtype=settings.grad_dtype, grad_scaler=scaler,
-        measure_noise=settings.measure_noise and not sync.is_fsdp2(model),
-        sync_every_micro_batch=settings.sync_every_micro_batch,
-    )
-    return opt, sched, acc
-
-
-def _adamw(lr: float, weight_decay: float) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _device_type(model: nn.Module) -> str:
-    p = next(model.parameters(), None)
-    return p.device.type if p is not None else "cpu"

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 MAX_EFFECTIVE_BATCH = 2**20  # examples per optimizer step: far beyond any real run, refused up front
+LOSS_PER = ("token", "sequence")  # --loss-per: what one item of the loss mean is
 MAX_LR = 1e3  # far above any real learning rate (AdamW ~1e-5..1e-2, large-batch SGD ~10)
 
 

@@ -9,15 +9,16 @@ from gradaccum import sync
 from gradaccum.commands import BadInput
 from gradaccum.workloads import Workload, WorkloadError
 from gradaccum.workloads.precision import Precision
-from gradaccum.workloads.prepare import WorkloadSpec, prepare_workload
+from gradaccum.workloads.prepare import WorkloadSpec, longest_example, prepare_workload
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
 
 def workload_spec(opts: argparse.Namespace, seed: int = 0, with_eval: bool = False,
-                  large: bool = True) -> WorkloadSpec:
+                  large: bool = True, token_budget: bool = False) -> WorkloadSpec:
     """The --model/--data/... flags as a WorkloadSpec; ``large``: the command has the LoRA /
-    FSDP2 / checkpointing flags (train, plan, bench)."""
+    FSDP2 / checkpointing flags (train, plan, bench); ``token_budget``: packed micro-batches
+    are sized in tokens (train --micro-batch-tokens, or planned)."""
     return WorkloadSpec(
         model=opts.model, data=opts.data, eval_data=opts.eval_data if with_eval else None,
         max_length=opts.max_length, seed=seed, precision=opts.precision,
@@ -26,6 +27,7 @@ def workload_spec(opts: argparse.Namespace, seed: int = 0, with_eval: bool = Fal
         lora_targets=tuple(opts.lora_target_modules) if large and opts.lora_target_modules else None,
         gradient_checkpointing=opts.gradient_checkpointing if large else False,
         fsdp=opts.fsdp if large else False,
+        packing=opts.packing, loss_per=opts.loss_per, token_budget=opts.packing and token_budget,
     )
 
 
@@ -60,6 +62,32 @@ def check_large_flags(opts: argparse.Namespace, command: str) -> None:
         if opts.effective_batch == "auto":
             raise BadInput("--effective-batch auto with --fsdp: not supported (the gradient noise scale it "
                            "grows with is not measured under FSDP2); give --effective-batch N")
+
+
+def check_packing_flags(opts: argparse.Namespace) -> None:
+    """--micro-batch-tokens is a packed micro-batch's size: refused without --packing, beside
+    another way of sizing the micro-batch, and where micro-batch counts must agree over ranks."""
+    if opts.micro_batch_tokens is None:
+        return
+    flag = f"--micro-batch-tokens {opts.micro_batch_tokens}"
+    if not opts.packing:
+        raise BadInput(f"{flag}: only with --packing (a token budget is what packed micro-batches hold)")
+    if opts.micro_batch is not None:
+        raise BadInput(f"{flag}: give --micro-batch or --micro-batch-tokens, not both")
+    if opts.memory_budget is not None:
+        raise BadInput(f"{flag}: the budget is given, so --memory-budget has nothing to plan; drop one")
+    if opts.effective_batch == "auto":
+        raise BadInput(f"{flag}: not with --effective-batch auto (it grows micro-batches of examples)")
+    if opts.fsdp:
+        raise BadInput(f"{flag}: not with --fsdp (its ranks must run the same number of micro-batches)")
+
+
+def check_token_budget(tokens: int | None, work: Workload) -> None:
+    """A token budget holds at least the longest training example (after --max-length)."""
+    longest = longest_example(work)
+    if tokens is not None and tokens < longest:
+        raise BadInput(f"--micro-batch-tokens {tokens}: smaller than the longest training example "
+                       f"({longest} tokens after --max-length); give at least {longest}")
 
 
 def config_only(model: str) -> bool:

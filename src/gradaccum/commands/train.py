@@ -13,7 +13,13 @@ from gradaccum import outdir, sync
 from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH, AdaptiveBatch
 from gradaccum.checkpoint import CheckpointError
 from gradaccum.commands import BadInput, RunFailed, bad_input, planning
-from gradaccum.commands.common import check_large_flags, load, workload_spec
+from gradaccum.commands.common import (
+    check_large_flags,
+    check_packing_flags,
+    check_token_budget,
+    load,
+    workload_spec,
+)
 from gradaccum.commands.defaults import (
     DEFAULT_MAX_GRAD_NORM,
     DEFAULT_STEPS,
@@ -29,7 +35,7 @@ from gradaccum.stream import BatchShape, check_divides_world, default_micro_batc
 from gradaccum.trainer import Trainer
 from gradaccum.workloads import Workload, WorkloadError, lora
 from gradaccum.workloads.precision import Precision, device
-from gradaccum.workloads.prepare import WorkloadSpec, shard_workload
+from gradaccum.workloads.prepare import WorkloadSpec, longest_example, shard_workload
 
 DEFAULT_AUTO_MICRO = 8  # --effective-batch auto without --micro-batch: start at 8 x 2 x world
 
@@ -42,6 +48,7 @@ def run(opts: argparse.Namespace) -> int:
     except OutDirError as e:
         raise BadInput(str(e)) from None
     check_large_flags(opts, "train")
+    check_packing_flags(opts)
     _check_flag_pairs(opts)
     _check_schedule_flags(opts)
     adaptive = _adaptive_batch(opts)
@@ -50,9 +57,12 @@ def run(opts: argparse.Namespace) -> int:
         out = outdir.precheck(opts.out, opts.resume, opts.overwrite)
     except OutDirError as e:
         raise BadInput(str(e)) from None
-    spec = workload_spec(opts, seed=opts.seed, with_eval=True)
+    planned = opts.micro_batch == "auto" or (opts.micro_batch is None and opts.memory_budget is not None)
+    spec = workload_spec(opts, seed=opts.seed, with_eval=True,
+                         token_budget=opts.micro_batch_tokens is not None or planned)
     work, precision = load(spec)
     _resolve_schedule(opts, work)
+    check_token_budget(opts.micro_batch_tokens, work)
     micro = _micro_batch(opts, spec, work)
     sync_every = False
     if spec.fsdp:
@@ -173,10 +183,24 @@ def _micro_batch(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload) -
             print(f"gradaccum: --micro-batch auto: {chosen}, {why}; predicted peak of the largest "
                   f"{memory.format_bytes(p.predicted_peak_bytes)} of {memory.format_bytes(p.budget_bytes)}",
                   flush=True)
+        if spec.packing:
+            return _as_token_budget(opts, work, chosen)
         return chosen
+    if opts.micro_batch_tokens is not None:
+        return opts.effective_batch // sync.world_size()  # the shape's micro-batch: one run of the window
     if micro is None:
         return default_micro_batch(opts.effective_batch // sync.world_size())
     return int(micro)
+
+
+def _as_token_budget(opts: argparse.Namespace, work: Workload, examples: int) -> int:
+    """--packing --micro-batch auto: the planned micro-batch of the longest example, as a token budget
+    (memory follows tokens; the plan measured packed copies of that example)."""
+    opts.micro_batch_tokens = examples * longest_example(work)
+    if sync.rank() == 0:
+        print(f"gradaccum: --packing: micro-batches of at most {opts.micro_batch_tokens} tokens "
+              f"({examples} x the longest example)", flush=True)
+    return opts.effective_batch // sync.world_size()
 
 
 def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, precision: Precision,
@@ -222,7 +246,8 @@ def _trainer(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, preci
             items_name="tokens", grad_dtype=work.grad_dtype, autocast_dtype=precision.autocast,
             eval_dataset=work.eval_dataset, eval_every=opts.eval_every, measure_noise=not opts.no_noise_scale,
             adaptive=adaptive, save_model=model_saver(work), final_metrics=final_metrics(work),
-            sync_every_micro_batch=sync_every, **opts.trainer_options,
+            sync_every_micro_batch=sync_every, micro_batch_tokens=opts.micro_batch_tokens,
+            **opts.trainer_options,
         )
     except ValueError as e:
         raise bad_input(e) from None

@@ -8,13 +8,14 @@ each shard to the device itself).
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from gradaccum import sync
-from gradaccum.workloads import hf, lora
+from gradaccum.workloads import hf, lora, packing
 from gradaccum.workloads.build import Workload, build_workload
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.precision import Precision, device, resolve
@@ -48,6 +49,12 @@ class WorkloadSpec:
     """Recompute each decoder layer's activations in the backward."""
     fsdp: bool = False
     """Shard with FSDP2 over the torchrun ranks (see :func:`shard_workload`)."""
+    packing: bool = False
+    """Pack each micro-batch's examples into rows, attention confined to each example."""
+    token_budget: bool = False
+    """Packed micro-batches are token budgets: rows then hold at most the longest example allowed."""
+    loss_per: str = "token"
+    """``token``: the window's token mean; ``sequence``: the mean over sequences of their token means."""
 
     @property
     def resolved_lora_alpha(self) -> float | None:
@@ -73,6 +80,7 @@ def prepare_workload(spec: WorkloadSpec, to_device: bool = True, adapt: bool = T
         work.model.to(torch.bfloat16)
         work.grad_dtype = torch.float32
     _say_truncated(work)
+    _batching(work, spec)
     if not adapt:
         return work, precision
     if spec.lora_r is not None:
@@ -95,6 +103,21 @@ def shard_workload(work: Workload, precision: Precision) -> None:
     param_dtype, reduce_dtype = precision.fsdp_dtypes()
     work.model = fsdp.shard_fsdp2(work.model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     work.grad_dtype = None  # FSDP2 holds and reduces gradients itself (reduce_dtype)
+
+
+def _batching(work: Workload, spec: WorkloadSpec) -> None:
+    """--packing (verified on this model: examples must not see each other) and --loss-per."""
+    if spec.loss_per != "token" or spec.packing:
+        work.loss_fn = functools.partial(packing.lm_loss, per=spec.loss_per)
+    if not spec.packing:
+        return
+    vocab = work.model.get_input_embeddings().num_embeddings
+    attention = packing.confined_attention(work.model, vocab)
+    row = None
+    if spec.token_budget:
+        row = work.info.get("max_length") or longest_example(work)
+    work.collate_fn = packing.PackCollator(getattr(work.collate_fn, "pad_id", 0), row, attention)
+    work.info["packing"] = attention
 
 
 def longest_example(work: Workload) -> int:
