@@ -24,7 +24,8 @@ class Console:
             print(f"gradaccum: {note}", flush=True)
         split = (f"micro-batch {shape.micro_batch} x accum steps {shape.accum_steps}" if tokens is None
                  else f"{shape.per_rank} examples in micro-batches of at most {tokens} tokens")
-        print(f"gradaccum: effective batch {shape.effective_batch} = {split} x world size {shape.world_size}; "
+        print(f"gradaccum: effective batch {shape.effective_batch} = {split} x world size "
+              f"{shape.world_size}; "
               f"{self.steps} steps; outputs -> {out if out is not None else '(none)'}", flush=True)
         if resumed_at is not None:
             print(f"gradaccum: resuming from step {resumed_at} of {self.steps}", flush=True)
