@@ -12,7 +12,7 @@ from typing import Any
 from gradaccum import outdir, sync
 from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH, AdaptiveBatch
 from gradaccum.checkpoint import CheckpointError
-from gradaccum.commands import BadInput, RunFailed, bad_input, planning
+from gradaccum.commands import BadInput, RunFailed, bad_input, planning, report
 from gradaccum.commands.common import (
     check_large_flags,
     check_packing_flags,
@@ -224,6 +224,8 @@ def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, pre
             config["--lora-target-modules"] = ",".join(spec.lora_targets)
     if adaptive is not None:
         config["--max-effective-batch"] = adaptive.max_effective_batch
+    if spec.loss_per != "token":  # another objective; --packing and the budget change only rounding
+        config["--loss-per"] = spec.loss_per
     # Only where they differ from the defaults: checkpoints from before these flags stay resumable.
     given = {"--lr-scheduler": (opts.lr_scheduler, "cosine"), "--warmup-steps": (opts.warmup_steps, None),
              "--warmup-ratio": (opts.warmup_ratio, None),
@@ -235,6 +237,9 @@ def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, pre
 
 def _trainer(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, precision: Precision, micro: int,
              out: Path, adaptive: AdaptiveBatch | None, sync_every: bool) -> Trainer:
+    # config.json and the trackers (what trainer_options gives wins: a test's own trackers)
+    reports = report.for_trainer(opts, out, micro, run_config(opts, spec, work, precision, adaptive))
+    opts.trainer_options = {**reports, **opts.trainer_options}
     try:
         return Trainer(
             model=work.model, dataset=work.dataset, loss_fn=work.loss_fn, collate_fn=work.collate_fn,
