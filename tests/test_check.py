@@ -126,6 +126,30 @@ def test_check_leaves_model_and_rng_exactly_as_found(gen: torch.Generator) -> No
     assert torch.equal(torch_rng, torch.get_rng_state()) and py_rng == random.getstate()
 
 
+def in_batch_negatives(model: nn.Module, mb: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """A dual-encoder InfoNCE loss: every row's negatives are the other rows of its batch."""
+    return ga.losses.info_nce(model(mb[0]), model(mb[1]), temperature=0.1)
+
+
+def test_an_in_batch_negatives_loss_is_non_additive(gen: torch.Generator) -> None:
+    x = torch.randn(8, 5, generator=gen)
+    encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+    report = ga.check(encoder, in_batch_negatives, (x, x + 0.1 * torch.randn(8, 5, generator=gen)))
+    # Only its own finding: "return a SUM" (mean-reduced-loss) or "no per-micro-batch weighting"
+    # (gradient-mismatch) would be wrong advice for a loss that already returns its sum.
+    assert report.codes() == ["non-additive-loss"] and not report.ok
+    assert report.findings[0].level == "error" and "step_cached" in report.findings[0].message
+    assert report.gradient_rel_error > 1e-2  # still measured, and shown in the verdict line
+    assert str(report).splitlines()[-1].startswith("NOT OK")
+
+
+def test_additive_losses_are_not_non_additive(gen: torch.Generator, batch: Batch) -> None:
+    assert ga.check(Classifier(), ce_sum, _data(gen)).codes() == []
+    # A MEAN and a per-micro-batch weighting break additivity too, but keep their own findings.
+    assert "non-additive-loss" not in ga.check(make_lm(), mean_loss, batch).codes()
+    assert ga.check(make_lm(), per_sequence_weighted, batch).codes() == ["gradient-mismatch"]
+
+
 def test_bad_arguments(batch: Batch) -> None:
     with pytest.raises(ValueError, match="at least two micro-batches"):
         ga.check(make_lm(), lm_loss_fn, batch, micro_batch_size=6)

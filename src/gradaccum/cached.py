@@ -108,8 +108,8 @@ class CachedWindow:
         split = [(torch.zeros_like(x) if g is None else g).split(rows[j])
                  for j, (x, g) in enumerate(zip(leaves, got[:width], strict=True))]
         self.grads = [tuple(s[i] for s in split) for i in range(len(self.micro))]
-        if sync.rank() == 0:  # every rank computed the same gradient: one share reaches the sum
-            _place(grads, got[width:])
+        _place(grads, got[width:], sync.world_size())
+        if sync.rank() == 0:  # every rank computed the same loss: one share reaches the sum
             return loss_sum.detach(), n
         return torch.zeros_like(loss_sum.detach()), 0
 
@@ -149,9 +149,15 @@ def _as_reps(out: Any, like: tuple[torch.Tensor, ...] | None, who: str) -> tuple
     return tuple(reps)
 
 
-def _place(grads: WindowGrads, got: tuple[torch.Tensor | None, ...]) -> None:
-    """The loss's own parameters' gradients, as the window's first (grad_dtype buffers where kept)."""
+def _place(grads: WindowGrads, got: tuple[torch.Tensor | None, ...], world: int) -> None:
+    """The loss's own parameters' gradients, as the window's first (grad_dtype buffers where kept).
+
+    Every rank computed the whole gradient, so each keeps 1/world of it: summed over ranks
+    (gradaccum's reduction) that is the gradient once, and averaged (DDP, which also leaves
+    a parameter no rank's forward used as it is) it is what the window's divisor expects.
+    """
     for p, g in zip(grads.params, got, strict=True):
         if g is not None:
+            g = g / world if world > 1 else g
             buffered = grads.buffers.buffered(p)
             grads.buffers.set_grad(p, g.to(grads.buffers.dtype) if buffered else g)  # type: ignore[arg-type]

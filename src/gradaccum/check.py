@@ -20,6 +20,8 @@ gradient accumulation:
   ``find_unused_parameters=True`` for them; they are otherwise harmless here).
 - ``no-items`` (warning, or error when the whole batch has none): micro-batches whose
   num_items is 0 add nothing; a window of them is skipped.
+- ``non-additive-loss`` (error): the batch's loss is neither the sum of its micro-batches' losses
+  nor a mean (in-batch negatives): ``Accumulator.step_cached`` trains it (``_additive.py``).
 
 The model, its gradients, its train/eval flags and every RNG are restored exactly. The
 user's loss function raising (or its backward) is a ValueError naming it, in one line.
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradaccum._additive import RATIO_BAR, non_additive
 from gradaccum._guards import check_loss, count_items
 from gradaccum.accumulator import LossFn
 from gradaccum.batching import batch_size, map_tensors, split
@@ -54,7 +57,7 @@ class Finding:
     """``error`` (accumulation will be wrong), ``warning`` (know this) or ``info``."""
     code: str
     """A fixed code: mean-reduced-loss, gradient-mismatch, batchnorm, nondeterministic,
-    unused-parameters, no-items."""
+    unused-parameters, no-items, non-additive-loss."""
     message: str
     """One line saying what was measured and what to do."""
 
@@ -129,9 +132,14 @@ def check(model: nn.Module, loss_fn: LossFn, batch: Any, micro_batch_size: int =
                 "runs cannot match bit for bit; the gradients below were compared with it disabled "
                 "(train mode off)")))
         _deterministic_mode(model)
-        found += _check_sum_reduction(model, loss_fn, batch)
-        full, items = _full_batch_grads(model, loss_fn, batch, params)
-        accumulated, per_micro = _accumulated_grads(model, loss_fn, micro, params)
+        sums, doubled = _check_sum_reduction(model, loss_fn, batch)
+        full, items, whole = _full_batch_grads(model, loss_fn, batch, params)
+        accumulated, per_micro, parts = _accumulated_grads(model, loss_fn, micro, params)
+        coupled = non_additive(whole, parts, doubled, _tolerance(params))
+        if coupled:  # the loss_sum-doubling and gradient findings' advice would not fix it
+            found.append(Finding("error", "non-additive-loss", coupled))
+            sums = [f for f in sums if not f.message.startswith("loss_sum")]
+        found += sums
         found += _check_items(per_micro, items)
         unused = [n for (n, _), g in zip(named, full, strict=True) if g is None] if items > 0 else []
         if unused:
@@ -141,7 +149,7 @@ def check(model: nn.Module, loss_fn: LossFn, batch: Any, micro_batch_size: int =
         if items > 0:
             report.tolerance = _tolerance(params)
             report.gradient_rel_error = _rel_error(accumulated, full)
-            if not report.gradient_rel_error <= report.tolerance:
+            if not report.gradient_rel_error <= report.tolerance and not coupled:
                 found.append(Finding("error", "gradient-mismatch", (
                     f"the gradient accumulated over {len(micro)} micro-batches differs from the full-batch "
                     f"gradient by {report.gradient_rel_error:.2e} (relative; float rounding is below "
@@ -246,15 +254,17 @@ def _deterministic_mode(model: nn.Module) -> None:
     model.eval()
 
 
-def _check_sum_reduction(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Finding]:
+def _check_sum_reduction(model: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[list[Finding], float | None]:
+    """The findings, and the doubled batch's loss over the batch's (None when that is 0 or not finite)."""
     twice = map_tensors(batch, lambda t: torch.cat([t, t]))
     with torch.no_grad():
         once_loss, once_n = _call(model, loss_fn, batch, grad=False)
         twice_loss, twice_n = _call(model, loss_fn, twice, grad=False)
     out = []
     a, b = float(once_loss), float(twice_loss)
-    if math.isfinite(a) and abs(a) > 0 and abs(b / a - 2.0) > 1e-3:
-        kind = "a MEAN was returned" if abs(b / a - 1.0) < 1e-3 else f"it grew {b / a:.3g}x"
+    ratio = b / a if math.isfinite(a) and abs(a) > 0 else None
+    if ratio is not None and abs(ratio - 2.0) > RATIO_BAR:
+        kind = "a MEAN was returned" if abs(ratio - 1.0) < RATIO_BAR else f"it grew {ratio:.3g}x"
         out.append(Finding("error", "mean-reduced-loss", (
             f"loss_sum does not grow with the items (batch doubled: loss {a:.6g} -> {b:.6g}, {kind}): "
             "return the SUM over items, e.g. reduction='sum', and the item count")))
@@ -262,32 +272,34 @@ def _check_sum_reduction(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[
         out.append(Finding("error", "mean-reduced-loss", (
             f"num_items does not grow with the batch (doubled: {once_n:g} -> {twice_n:g}): return the "
             "number of items the loss summed over (samples, or non-ignored tokens)")))
-    return out
+    return out, ratio
 
 
 def _full_batch_grads(
     model: nn.Module, loss_fn: LossFn, batch: Any, params: list[nn.Parameter]
-) -> tuple[list[torch.Tensor | None], float]:
+) -> tuple[list[torch.Tensor | None], float, float]:
     loss, n = _call(model, loss_fn, batch)
     if n <= 0:
-        return [None] * len(params), n
+        return [None] * len(params), n, float(loss.detach())
     grads = _grads(loss_fn, loss / n, params)
-    return [None if g is None else g.detach() for g in grads], n
+    return [None if g is None else g.detach() for g in grads], n, float(loss.detach())
 
 
 def _accumulated_grads(
     model: nn.Module, loss_fn: LossFn, micro: list[Any], params: list[nn.Parameter]
-) -> tuple[list[torch.Tensor | None], list[float]]:
-    """What gradaccum computes: Σ ∇loss_sum_i / Σ num_items_i (in the parameters' dtype)."""
+) -> tuple[list[torch.Tensor | None], list[float], list[float]]:
+    """What gradaccum computes: Σ ∇loss_sum_i / Σ num_items_i (in the parameters' dtype); the
+    micro-batches' item counts and loss_sums."""
     total: list[torch.Tensor | None] = [None] * len(params)
-    per_micro = []
+    per_micro, losses = [], []
     for mb in micro:
         loss, n = _call(model, loss_fn, mb)
         per_micro.append(n)
+        losses.append(float(loss.detach()))
         grads = _grads(loss_fn, loss, params)
         total = [_add(a, g) for a, g in zip(total, grads, strict=True)]
     items = sum(per_micro)
-    return [None if g is None or items == 0 else g / items for g in total], per_micro
+    return [None if g is None or items == 0 else g / items for g in total], per_micro, losses
 
 
 def _check_items(per_micro: list[float], items: float) -> list[Finding]:
@@ -316,8 +328,8 @@ def _check_batchnorm(
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
-    full, n = _full_batch_grads(model, loss_fn, batch, params)
-    accumulated, _ = _accumulated_grads(model, loss_fn, micro, params)
+    full, n, _ = _full_batch_grads(model, loss_fn, batch, params)
+    accumulated, _, _ = _accumulated_grads(model, loss_fn, micro, params)
     layers = f"{len(bns)} BatchNorm layer(s) (e.g. '{bns[0]}')"
     if not n:
         return [Finding("warning", "batchnorm", (
