@@ -28,9 +28,10 @@ def test_noise_scale_and_critical_batch_are_logged(tmp_path: Path, capsys: Any) 
     assert main(["train", "--steps", "6", "--effective-batch", "16", "--micro-batch", "4",
                  "--out", str(out)]) == 0
     rows = _rows(out)
-    assert "noise_scale" not in rows[0]  # two measured windows first
+    assert rows[0]["noise_scale"] is None and rows[0]["critical_batch"] is None  # two measured windows first
+    assert all(list(r) == list(rows[0]) for r in rows)  # one schema: every key in every row
     for r in rows[2:]:
-        if "noise_scale" in r:  # None while the measured |G|^2 is not yet positive
+        if r["noise_scale"] is not None:  # None while the measured |G|^2 is not yet positive
             # critical batch (examples) = noise scale (tokens) / tokens per example so far
             assert r["critical_batch"] == pytest.approx(r["noise_scale"] / (r["num_items"] / 16), rel=0.5)
     summary = json.loads((out / "summary.json").read_text())
@@ -44,7 +45,7 @@ def test_no_noise_scale_turns_it_off_and_changes_no_weight(tmp_path: Path) -> No
     args = ["train", "--steps", "4", "--effective-batch", "16", "--micro-batch", "4"]
     assert main([*args, "--out", str(tmp_path / "on")]) == 0
     assert main([*args, "--no-noise-scale", "--out", str(tmp_path / "off")]) == 0
-    assert not any("noise_scale" in r for r in _rows(tmp_path / "off"))
+    assert all(r["noise_scale"] is None and r["critical_batch"] is None for r in _rows(tmp_path / "off"))
     on = torch.load(tmp_path / "on" / "checkpoint.pt", weights_only=True)["model"]
     off = torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(on[k], off[k]) for k in on)

@@ -30,6 +30,7 @@ from gradaccum.commands.argtypes import (
     non_negative_float,
     non_negative_int,
     positive_float,
+    report_to,
     size,
 )
 from gradaccum.commands.defaults import (
@@ -115,6 +116,7 @@ def _add_train(sub: Any) -> None:
                    help="replace the run already in --out (without it, such an --out is refused)")
     t.add_argument("--checkpoint-every", type=non_negative_int, default=50, metavar="N",
                    help="save a checkpoint every N steps (0: only at the end; always on SIGTERM/SIGINT)")
+    _add_report_to(t)
 
 
 def _add_schedule(t: argparse.ArgumentParser) -> None:
@@ -178,6 +180,16 @@ def _add_compare(sub: Any) -> None:
     c.add_argument("--out", default="runs/compare", metavar="DIR",
                    help="directory for compare.json and compare.png")
     c.add_argument("--json", action="store_true", help="print compare.json's content instead of the table")
+    _add_report_to(c)
+
+
+def _add_report_to(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-to", type=report_to, default="none",
+                   metavar="none|tensorboard,wandb,mlflow,trackio",
+                   help="also log the run to these trackers (a comma list), each set up by its usual "
+                        "environment variables (WANDB_PROJECT, WANDB_MODE=offline, MLFLOW_TRACKING_URI, "
+                        "TRACKIO_PROJECT_NAME, ...); TensorBoard writes OUT/tensorboard. train sends each "
+                        "step once a checkpoint covers it (--checkpoint-every), so none twice on --resume")
 
 
 def _add_check(sub: Any) -> None:

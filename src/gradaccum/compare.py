@@ -276,6 +276,27 @@ def _result(series: dict[str, Series], reference: str, start: list[torch.Tensor]
     }
 
 
+def tracker_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per optimizer step of the effective batch, for the trackers: each contender's loss
+    of that window, its deviation from the reference and (one step per window) its gradient norm."""
+    rows = []
+    for s in range(result["steps"]):
+        row: dict[str, Any] = {"step": s + 1, "examples_seen": (s + 1) * result["effective_batch"]}
+        for name, c in result["contenders"].items():
+            if c["ran"]:
+                row[f"{name}/loss"], row[f"{name}/rel_deviation"] = c["window_loss"][s], c["rel_deviation"][s]
+                if len(c["grad_norm"]) == result["steps"]:
+                    row[f"{name}/grad_norm"] = c["grad_norm"][s]
+        rows.append(row)
+    return rows
+
+
+def tracker_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """compare.json's numbers per contender (final loss, deviation, seconds, peak memory, ...)."""
+    return {name: {k: v for k, v in c.items() if not isinstance(v, list)}
+            for name, c in result["contenders"].items() if c["ran"]}
+
+
 def table(result: dict[str, Any]) -> str:
     """The console table: final loss, deviation from the reference, seconds, peak memory."""
     from gradaccum.memory import format_bytes

@@ -30,9 +30,11 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PLOT = "loss.png"
+CONFIG = "config.json"  # the resolved run
 MODEL_DIR = "model"  # OUT/model: save_pretrained form (HF models and LoRA adapters)
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard's event files
 LOCK = ".gradaccum.lock"
-OUTPUTS = (METRICS, CHECKPOINT, SUMMARY, PLOT)
+OUTPUTS = (METRICS, CHECKPOINT, SUMMARY, PLOT, CONFIG)
 RUN_MARKERS = (METRICS, CHECKPOINT)
 """Files whose presence means the directory already holds a run."""
 
@@ -152,8 +154,9 @@ def clear_outputs(out: Path) -> None:
     for name in OUTPUTS:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
-    if (out / MODEL_DIR).is_dir() and not (out / MODEL_DIR).is_symlink():
-        shutil.rmtree(out / MODEL_DIR)
+    for folder in (MODEL_DIR, TENSORBOARD_DIR):  # the old run's events would mix with the new one's
+        if (out / folder).is_dir() and not (out / folder).is_symlink():
+            shutil.rmtree(out / folder)
 
 
 # --------------------------------------------------------------------------- the lock

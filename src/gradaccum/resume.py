@@ -64,6 +64,8 @@ class RunState:
     """The step of the last checkpoint on disk (named when a later write fails)."""
     grown: dict[str, Any] = field(default_factory=dict)
     """On resume: the ``may_grow`` values the checkpoint had, where this run asks for more."""
+    trackers: dict[str, Any] = field(default_factory=dict)
+    """Each tracker's run id and the steps it was sent (:meth:`gradaccum.trackers.Trackers.state`)."""
 
 
 # --------------------------------------------------------------------------- save
@@ -90,6 +92,7 @@ def save(path: Path, spec: RunSpec, run: RunState, model: nn.Module, opt: torch.
         "config": config or {},
         "run": spec.defining,
         "metrics": run.history.state_dict(),
+        "trackers": run.trackers,
         "elapsed_s": run.elapsed_s,
         "extra": spec.extra,
     }), path)
@@ -171,7 +174,8 @@ def load(path: Path, spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer
     check_accumulator_state(ck["accumulator"], bad)
     load_weights(ck, model, opt, sched, acc, path)
     restore_rng(ck["rng"], bad)
-    return RunState(step, position, float(elapsed), history, last_saved=step, grown=grown)
+    return RunState(step, position, float(elapsed), history, last_saved=step, grown=grown,
+                    trackers=ck.get("trackers") or {})
 
 
 def check_version(ck: dict[str, Any], path: Path) -> None:

@@ -3,8 +3,10 @@
 - ``metrics.jsonl``: one JSON object per optimizer step, appended as the run goes. It
   is a log: the checkpoint carries the same rows (:class:`MetricsHistory`), so on
   ``--resume`` the file is rewritten from the checkpoint, whatever happened to it.
-- ``summary.json`` and ``loss.png``: written at the end of a run.
-- The rows themselves: one per optimizer step (:class:`RowMaker`), and the summary.
+- ``summary.json`` and ``loss.png`` (drawn by :mod:`gradaccum.plots`): written at the end of a run.
+- ``config.json``: the resolved run, written at its first step.
+- The rows themselves: one per optimizer step (:class:`RowMaker`), every row with the keys of
+  :data:`ROW_KEYS`, and the summary.
 
 Which directory a run may write into is :mod:`gradaccum.outdir`'s business.
 
@@ -22,6 +24,23 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gradaccum.errors import one_line
+from gradaccum.plots import PANELS as PANELS
+from gradaccum.plots import Panel as Panel
+from gradaccum.plots import Series as Series
+from gradaccum.plots import plot_losses as plot_losses
+
+ROW_KEYS = (
+    "step", "loss", "lr", "grad_norm", "num_items", "skipped", "micro_batch", "accum_steps", "world_size",
+    "effective_batch", "examples_seen", "elapsed_s", "{items}_per_s", "examples_per_s",
+    "noise_scale", "critical_batch",
+    "eval_loss",
+)
+"""The one schema of a metrics row, in order: every row has every key, null where there is no
+value (yet). ``{items}`` is what ``num_items`` counts (e.g. ``tokens_per_s``)."""
+
+
+def row_keys(items_name: str = "items") -> tuple[str, ...]:
+    return tuple(k.format(items=items_name) for k in ROW_KEYS)
 
 
 class OutputWriteError(RuntimeError):
@@ -69,8 +88,16 @@ class MetricsHistory:
         j = bisect.bisect_left(absent, i)
         return j < len(absent) and absent[j] == i
 
-    def rows(self) -> list[dict[str, Any]]:
-        return [self.row(i) for i in range(self.length)]
+    def rows(self, start: int = 0) -> list[dict[str, Any]]:
+        """Rows ``start`` onwards (row i is step i + 1)."""
+        return [self.row(i) for i in range(max(0, start), self.length)]
+
+    def complete(self, keys: Sequence[str]) -> None:
+        """Give every row every key of ``keys`` (None where it had none): rows of an older
+        gradaccum, which left out keys without a value, take the one schema."""
+        for key in keys:
+            self.columns.setdefault(key, [None] * self.length)
+            self.absent[key] = []
 
     def column(self, key: str) -> list[Any]:
         return list(self.columns.get(key, []))
@@ -166,9 +193,12 @@ class MetricsLog:
     old run's outputs there: only once the new run has taken its first step).
     """
 
-    def __init__(self, path: Path, before_first: Callable[[], None] | None = None) -> None:
+    def __init__(self, path: Path, before_first: Callable[[], None] | None = None,
+                 config: tuple[Path, dict[str, Any] | None] | None = None) -> None:
         self.path = path
         self.before_first = before_first
+        self.config = config
+        """(config.json's path, the resolved run): written at the first row, after ``before_first``."""
         self.file: TextIO | None = None
 
     def write(self, row: dict[str, Any]) -> None:
@@ -176,6 +206,8 @@ class MetricsLog:
             if self.before_first is not None:
                 self.before_first()
                 self.before_first = None
+            if self.config is not None and self.config[1] is not None:
+                write_json(*self.config)
             self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self.file.write(_dumps(row) + "\n")
         self.file.flush()
@@ -204,6 +236,10 @@ class RowMaker:
     items_applied: float = 0.0
     examples_applied: float = 0.0
 
+    def keys(self) -> tuple[str, ...]:
+        """This run's row schema (:data:`ROW_KEYS`)."""
+        return row_keys(self.items_name)
+
     def resume_from(self, rows: Sequence[dict[str, Any]]) -> None:
         applied = [r for r in rows if not r.get("skipped")]
         self.items_applied = sum(float(r.get("num_items", 0)) for r in applied)
@@ -222,12 +258,8 @@ class RowMaker:
         if not result.skipped:
             self.items_applied += result.num_items
             self.examples_applied += shape.effective_batch
-        noise = {}
-        if result.noise_scale is not None:
-            critical = self.critical_batch(result.noise_scale)
-            noise = {"noise_scale": result.noise_scale, "critical_batch": critical}
         per_s = max(run_time, 1e-9)
-        return {
+        values = {
             "step": step + 1, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "num_items": result.num_items, "skipped": result.skipped, "micro_batch": shape.micro_batch,
             "accum_steps": shape.accum_steps, "world_size": shape.world_size,
@@ -235,8 +267,9 @@ class RowMaker:
             "elapsed_s": round(elapsed, 4),
             f"{self.items_name}_per_s": round(self.items_run / per_s, 2),
             "examples_per_s": round(self.examples_run / per_s, 2),
-            **noise,
+            "noise_scale": result.noise_scale, "critical_batch": self.critical_batch(result.noise_scale),
         }
+        return {key: values.get(key) for key in self.keys()}
 
 
 SETTLED_AFTER = 20
@@ -284,102 +317,15 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
 
 
 # --------------------------------------------------------------------------- summary
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """summary.json, config.json: indented JSON, replaced atomically."""
     from gradaccum.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
-# --------------------------------------------------------------------------- plots
-@dataclass(frozen=True)
-class Series:
-    key: str
-    label: str
-    axis: str = "left"  # "left" or "right" (a twin y axis)
-    log: bool = False
-    style: str = "-"
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    ylabel: str
-    series: tuple[Series, ...]
-    right_ylabel: str = ""
-    always: bool = False  # drawn even when none of its series has data
-    needs: str = ""  # drawn only when some row has this key
-
-
-PANELS: tuple[Panel, ...] = (
-    Panel("loss", "mean loss per item",
-          (Series("loss", "train loss"), Series("eval_loss", "eval loss", style="o-")), always=True),
-    Panel("optimiser", "learning rate", (Series("lr", "learning rate"),
-                                         Series("grad_norm", "gradient norm (before clipping)", axis="right",
-                                                log=True)),
-          right_ylabel="gradient norm", always=True),
-    Panel("critical batch (gradient noise scale)", "examples",
-          (Series("critical_batch", "measured critical batch", log=True),
-           Series("effective_batch", "effective batch in use", style="--")), needs="critical_batch"),
-)
-"""loss.png's panels, left to right. A series is drawn when some row has its key, so
-new metrics (eval loss, noise scale) only need an entry here."""
-
-
-def _points(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for r in rows:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
-            xs.append(r["step"])
-            ys.append(float(v))
-    return xs, ys
-
-
-def plot_losses(rows: Sequence[dict[str, Any]], path: Path, panels: Sequence[Panel] = PANELS) -> None:
-    """loss.png: the loss, then learning rate and gradient norm, then any optional panel with data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gradaccum.checkpoint import atomic_write_bytes
-
-    rows = [r for r in rows if not r.get("skipped") and isinstance(r.get("step"), int)]
-    shown = [p for p in panels
-             if p.always or (_points(rows, p.needs)[0] if p.needs else any(_points(rows, s.key)[0]
-                                                                          for s in p.series))]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), constrained_layout=True,
-                             squeeze=False)
-    for ax, panel in zip(axes[0], shown, strict=True):
-        right = None
-        handles = []
-        for i, s in enumerate(panel.series):
-            xs, ys = _points(rows, s.key)
-            if not xs:
-                continue
-            if s.axis == "right":
-                right = right or ax.twinx()
-                target = right
-            else:
-                target = ax
-            (line,) = target.plot(xs, ys, s.style, lw=1.2, ms=3, color=f"C{i}", label=s.label)
-            if s.log and min(ys) > 0:
-                target.set_yscale("log")
-            handles.append(line)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(panel.ylabel)
-        if right is not None:
-            right.set_ylabel(panel.right_ylabel)
-        ax.set_title(panel.title)
-        ax.grid(alpha=0.3)
-        if len(handles) > 1:
-            ax.legend(handles=handles, loc="best", fontsize="small")
-    batches = [r["effective_batch"] for r in rows if isinstance(r.get("effective_batch"), int)]
-    eb = "?" if not batches else (str(batches[0]) if min(batches) == max(batches)
-                                  else f"{batches[0]} -> {batches[-1]}, auto")
-    fig.suptitle(f"gradaccum (effective batch {eb})")
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+write_summary = write_json
 
 
 # --------------------------------------------------------------------------- helpers

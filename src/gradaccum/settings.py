@@ -18,6 +18,7 @@ from torch import nn
 from gradaccum import outdir
 from gradaccum.accumulator import LossFn
 from gradaccum.adaptive import AdaptiveBatch
+from gradaccum.trackers import Trackers
 
 
 def default_collate(examples: list[Any]) -> Any:
@@ -100,6 +101,12 @@ class TrainerSettings:
     on_step: Callable[[dict[str, Any]], None] | None = None
     """Called on every rank after each optimizer step (after its checkpoint) with the step's
     metrics row; whatever it raises ends the run there (an early stop, an injected fault)."""
+    trackers: Trackers | None = None
+    """Where else the run is reported (TensorBoard, W&B, MLflow, Trackio; rank 0): each gets the rows
+    a written checkpoint covers, once, and at the end the summary and loss.png."""
+    run_record: dict[str, Any] | None = None
+    """The resolved run (flags, planned micro-batch, versions): ``OUT/config.json``, written at the
+    run's first step."""
     oom_agreement: bool | None = None
     """Under torch.distributed: whether the ranks agree before each window's synchronising
     micro-batch that none ran out of memory (so all replay together). None: only on CUDA,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,6 +140,8 @@ class Trainer(TrainerSettings):
             self.console.announce(self.shape, out, start if self.resume else None, self.micro_batch_tokens)
             return self._loop(acc, opt, sched, out)
         finally:
+            if self.trackers is not None:  # finished, or killed when it stopped or failed
+                self.trackers.close(sys.exc_info()[1] is None)
             if lock is not None:
                 lock.release()
 
@@ -177,6 +180,8 @@ class Trainer(TrainerSettings):
                     every = self.checkpoint_every and done % self.checkpoint_every == 0
                     if out is not None and (done == self.steps or stop or every):
                         self._save(out / CHECKPOINT, opt, sched, acc)
+                    if self.trackers is not None and (out is None or self.run.last_saved == done):
+                        self.trackers.send(self.history)  # only rows a checkpoint covers: never twice
                     if stop and done < self.steps:
                         sync.any_rank(False)  # every rank leaves after rank 0's checkpoint is on disk
                         raise Stopped(stop, done, self.steps, out / CHECKPOINT if out is not None else None)
@@ -193,7 +198,7 @@ class Trainer(TrainerSettings):
             return None
         # --overwrite: the old run stays whole until this one has taken its first step.
         replace_old = (lambda: outdir.clear_outputs(out)) if self.overwrite else None
-        return runlog.MetricsLog(out / METRICS, replace_old)
+        return runlog.MetricsLog(out / METRICS, replace_old, (out / outdir.CONFIG, self.run_record))
 
     def _record(self, row: dict[str, Any], log: runlog.MetricsLog | None, out: Path | None) -> None:
         self.history.append(row)
@@ -334,6 +339,8 @@ class Trainer(TrainerSettings):
 
     def _save(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> None:
         model, step = self._unwrapped(), self.run.step
+        if self.trackers is not None:
+            self.run.trackers = self.trackers.state(step, self.run.trackers)
         config = {"micro_batch": self.micro_batch, "steps": self.steps, "lr": self.lr}
         try:
             model_state = resume.save(path, self._spec(), self.run, model, opt, sched, acc, self.adaptive,
@@ -354,6 +361,7 @@ class Trainer(TrainerSettings):
 
     def _restore(self, path: Path, opt: Any, sched: Any, acc: Accumulator) -> None:
         self.run = resume.load(path, self._spec(), self._unwrapped(), opt, sched, acc, self.adaptive)
+        self.run.history.complete(self.rows.keys())  # an older run's rows take the one schema
         if "--steps" in self.run.grown:  # extending a finished (or running) run
             self.console.extended(self.run.grown["--steps"], self.run.step)
             recompute_current_lr(sched)
@@ -381,4 +389,6 @@ class Trainer(TrainerSettings):
                 except OSError as e:
                     raise runlog.run_write_error(out / name, e, self.run.last_saved,
                                                  "writing it at the end of the run") from None
+        if self.trackers is not None:
+            self.trackers.finish(summary, out / PLOT if out is not None else None)
         return summary

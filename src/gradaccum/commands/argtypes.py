@@ -98,3 +98,13 @@ def size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def report_to(text: str) -> list[str]:
+    """--report-to: "none" or a comma list of trackers."""
+    from gradaccum.trackers import parse_names  # light: each client is imported only when it starts
+
+    try:
+        return parse_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

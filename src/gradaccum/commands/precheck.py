@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from gradaccum import trackers
 from gradaccum.commands import BadInput
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.files import check_data_file, check_model_dir, regular_file
@@ -15,7 +16,12 @@ TRAINS = ("train", "plan", "bench", "compare", "check")
 
 
 def inputs(opts: argparse.Namespace) -> None:
-    """BadInput (one line) for a --model directory or a data file that can never be used."""
+    """BadInput (one line) for a --model directory or a data file that can never be used, or a
+    --report-to tracker that is not installed."""
+    for name in opts.report_to if opts.command in ("train", "compare") else ():
+        why = trackers.missing(name)
+        if why is not None:
+            raise BadInput(f"--report-to {name}: {why}")
     if opts.command not in TRAINS or (opts.command == "check" and opts.target is not None):
         return
     demo = opts.model == "demo"
