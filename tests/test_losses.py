@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,46 @@ def test_cross_entropy_accepts_torch_class_dim_1_layout() -> None:
     want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
     assert int(n) == 11
+
+
+def _info_nce_by_rows(q: torch.Tensor, candidates: torch.Tensor, temperature: Any) -> torch.Tensor:
+    """Row by row: -log softmax over cosine / temperature, at the row's own key."""
+    total = q.new_zeros(())
+    for i in range(q.shape[0]):
+        cos = torch.stack([F.cosine_similarity(q[i], c, dim=0) for c in candidates])
+        total = total - torch.log_softmax(cos / temperature, dim=0)[i]
+    return total
+
+
+def test_info_nce_is_the_row_sum_over_in_batch_and_hard_negatives(gen: torch.Generator) -> None:
+    q, k, neg = (torch.randn(n, 7, generator=gen, dtype=torch.float64) for n in (5, 5, 3))
+    loss_sum, n = ga.losses.info_nce(q, k, 0.05)
+    assert n == 5 and torch.allclose(loss_sum, _info_nce_by_rows(q, k, 0.05), rtol=1e-12, atol=0)
+    with_neg, n = ga.losses.info_nce(q, k, 0.05, negatives=neg)
+    assert n == 5 and torch.allclose(with_neg, _info_nce_by_rows(q, torch.cat([k, neg]), 0.05), rtol=1e-12)
+    assert with_neg > loss_sum  # more candidates: a harder task
+    # Cosine: the scale of a representation does not matter.
+    assert torch.allclose(ga.losses.info_nce(3 * q, k / 2, 0.05)[0], loss_sum, rtol=1e-12)
+
+
+def test_info_nce_couples_rows_and_a_learnable_temperature_gets_its_gradient(gen: torch.Generator) -> None:
+    q, k = (torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    whole, _ = ga.losses.info_nce(q, k, t)
+    halves = ga.losses.info_nce(q[:3], k[:3], t)[0] + ga.losses.info_nce(q[3:], k[3:], t)[0]
+    assert abs(float((whole - halves).detach())) > 0.1  # not a sum over examples: accumulation needs step_cached
+    whole.backward()
+    want = torch.autograd.grad(_info_nce_by_rows(q, k, t), t)[0]
+    assert t.grad is not None and torch.allclose(t.grad, want, rtol=1e-10)
+
+
+def test_info_nce_refuses_bad_shapes_by_name(gen: torch.Generator) -> None:
+    q = torch.randn(4, 3, generator=gen)
+    with pytest.raises(ValueError, match="queries .* and keys"):
+        ga.losses.info_nce(q, q[:3], 0.1)
+    with pytest.raises(ValueError, match="negatives"):
+        ga.losses.info_nce(q, q, 0.1, negatives=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ga.losses.info_nce(q, q, 0.0)
+    with pytest.raises(ValueError, match="temperature must be a single number"):
+        ga.losses.info_nce(q, q, torch.ones(2))
