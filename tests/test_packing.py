@@ -1,10 +1,11 @@
 """Packing (``ga.pack``, ``--packing``, token budgets) and the per-sequence normaliser.
 
 The bar: a packed run is the padded run up to float rounding. A float64 GPT-2 under sdpa
-(float64 throughout), SGD, so weights follow the gradients linearly. Bound 1e-10: each step's gradient differs from the padded one by
-summation order only (~1e-16 x the number of terms, a few hundred here), and four SGD steps
-add that up; 1e-10 leaves five orders of magnitude of margin and fails on any leak between
-examples (measured 30-50% on such a leak).
+(float64 throughout), SGD, so weights follow the gradients linearly. Bound 1e-10: each
+step's gradient differs from the padded one by summation order only (~1e-16 x the number
+of terms, a few hundred here), and four SGD steps add that up; 1e-10 leaves five orders
+of magnitude of margin and fails on any leak between examples (measured 30-50% on such a
+leak).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import math
 import sys
 
+import _dist_helpers as dh
 import pytest
 import torch
-
-import _dist_helpers as dh
-import gradaccum as ga
 from _packing_common import IGNORE, examples, tiny_lm, train
+
+import gradaccum as ga
 from gradaccum.workloads.data import Collator
 from gradaccum.workloads.packing import PackCollator, confined_attention, leaks, lm_loss
 
@@ -54,7 +55,7 @@ def test_pack_groups_in_order_within_budget_and_rows_within_cap() -> None:
         assert int((mb["input_ids"] == 1).sum()) <= 10
         assert mb["input_ids"].shape[1] <= 7
     assert sum(seen) == len(exs)
-    assert [int((mb["input_ids"] == 1).sum()) for mb in mbs] == [10, 8, 10]  # consecutive runs: 3+5+2, 7+1, 4+6
+    assert [int((mb["input_ids"] == 1).sum()) for mb in mbs] == [10, 8, 10]  # runs: 3+5+2, 7+1, 4+6
 
 
 def test_pack_refuses_what_cannot_be() -> None:
@@ -83,7 +84,8 @@ def test_causal_lm_per_sequence_is_the_mean_of_sequence_means() -> None:
     (mb,) = ga.pack(exs, max_tokens=sum(len(e[0]) for e in exs))
     order = _row_order(mb, exs)
     row_logits = torch.cat([logits_of[i] for i in order]).unsqueeze(0)
-    got_sum, got_n = ga.losses.causal_lm(row_logits, mb["labels"], per="sequence", position_ids=mb["position_ids"])
+    got_sum, got_n = ga.losses.causal_lm(row_logits, mb["labels"], per="sequence",
+                                         position_ids=mb["position_ids"])
     assert int(got_n) == want_n < len(exs)  # the all-prompt examples count as none
     assert math.isclose(float(got_sum), want_sum, rel_tol=1e-13)
 
@@ -95,7 +97,7 @@ def _row_order(mb: dict[str, torch.Tensor], exs: list) -> list[int]:
     """Which example sits where in a one-row packed micro-batch (matched by its tokens)."""
     row, order, used = mb["input_ids"][0].tolist(), [], set()
     starts = (mb["position_ids"][0] == 0).nonzero().flatten().tolist() + [len(row)]
-    for a, b in zip(starts, starts[1:]):
+    for a, b in zip(starts, starts[1:], strict=False):
         i = next(i for i, (ids, _) in enumerate(exs) if i not in used and ids == row[a:b])
         used.add(i)
         order.append(i)
@@ -153,7 +155,7 @@ def test_packed_window_equals_padded_full_batch(per: str, budget: int) -> None:
         with acc.micro_step():
             acc.backward(*lm_loss(model, mb, per=per))
     assert acc.flush() is not None
-    assert max(rel(g, w) for g, w in zip(grads, want)) < REL
+    assert max(rel(g, w) for g, w in zip(grads, want, strict=True)) < REL
 
 
 @pytest.mark.parametrize("per", ["token", "sequence"])
@@ -164,8 +166,8 @@ def test_packed_training_equals_padded_training(per: str, micro: int, tokens: in
     data = examples()
     want_losses, want_weights = train(data, per, packed=False, micro_batch=4, tokens=None)
     losses, weights = train(data, per, packed=True, micro_batch=micro, tokens=tokens)
-    assert max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses)) < REL
-    assert max(rel(w, v) for w, v in zip(weights, want_weights)) < REL
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses, strict=True)) < REL
+    assert max(rel(w, v) for w, v in zip(weights, want_weights, strict=True)) < REL
 
 
 @pytest.mark.parametrize("per", ["token", "sequence"])
@@ -178,8 +180,8 @@ def test_packed_on_two_ranks_equals_padded_on_one(tmp_path, per: str) -> None:
     procs = dh.launch_ranks([str(dh.HERE / "_packing_common.py"), str(out), "tokens", per], timeout=180)
     assert all(p.rc == 0 for p in procs), dh.describe(procs)
     got = torch.load(out, weights_only=True)
-    assert max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want_losses)) < REL
-    assert max(rel(w, v) for w, v in zip(got["weights"], want_weights)) < REL
+    assert max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want_losses, strict=True)) < REL
+    assert max(rel(w, v) for w, v in zip(got["weights"], want_weights, strict=True)) < REL
 
 
 def test_sequence_mode_matches_a_plain_full_batch_loop() -> None:
@@ -197,11 +199,40 @@ def test_sequence_mode_matches_a_plain_full_batch_loop() -> None:
     (total / n).backward()
     want = [p.grad.clone() for p in model.parameters()]
     got = _padded_full_batch_grads(data, "sequence")  # and the packed window agrees with that (above)
-    assert max(rel(g, w) for g, w in zip(got, want)) < REL
+    assert max(rel(g, w) for g, w in zip(got, want, strict=True)) < REL
     model2 = tiny_lm()
     loss, k = lm_loss(model2, PackCollator(0)(data), per="sequence")
     (loss / k).backward()
-    assert max(rel(p.grad, w) for p, w in zip(model2.parameters(), want)) < REL
+    assert max(rel(p.grad, w) for p, w in zip(model2.parameters(), want, strict=True)) < REL
+
+
+def test_out_of_memory_replays_the_same_examples_at_half_the_budget() -> None:
+    """A loss that 'runs out of memory' above 50 tokens: the window replays at 80 -> 40 tokens,
+    with the same examples, and the run equals one that used 40 from the start."""
+    from gradaccum import Trainer
+    from gradaccum.workloads.packing import PackCollator
+
+    data = examples()
+
+    def capped(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if int((mb["input_ids"] != 0).sum()) > 50:  # real tokens (examples use ids >= 3, padding 0)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return lm_loss(model, mb)
+
+    def run(tokens: int, loss: object) -> list[torch.Tensor]:
+        model = tiny_lm()
+        t = Trainer(model=model, dataset=data, loss_fn=loss, collate_fn=PackCollator(0, 20),
+                    effective_batch=8, micro_batch=8, steps=3, seed=3, micro_batch_tokens=tokens,
+                    measure_noise=False,
+                    optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5), max_grad_norm=None,
+                    progress=False, handle_signals=False)
+        t.fit()
+        assert t.micro_batch_tokens == 40
+        return [p.detach().clone() for p in model.parameters()]
+
+    got = run(160, capped)
+    want = run(40, lm_loss)
+    assert max(rel(g, w) for g, w in zip(got, want, strict=True)) < REL
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ printed (:mod:`gradaccum.console`) and clean stops on signals (:mod:`gradaccum.s
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import random
 import sys
 import time
@@ -26,17 +24,17 @@ from torch import nn
 
 from gradaccum import adaptive as adaptive_batch
 from gradaccum import outdir, resume, runlog, sync
-from gradaccum.accumulator import Accumulator, StepResult
-from gradaccum.batching import example_length, token_groups
+from gradaccum.accumulator import Accumulator
 from gradaccum.console import Console
-from gradaccum.engine import build_engine, device_type
+from gradaccum.engine import build_engine
 from gradaccum.evaluation import evaluate_loss
 from gradaccum.outdir import CHECKPOINT, METRICS, MODEL_DIR, PLOT, SUMMARY, OutDirError
 from gradaccum.runlog import OutputWriteError, plot_losses
 from gradaccum.schedules import recompute_current_lr
 from gradaccum.settings import TrainerSettings
 from gradaccum.stopping import Stopped, StopSignals
-from gradaccum.stream import BatchShape, WindowShape, next_smaller_micro_batch, rank_indices, stream_indices
+from gradaccum.stream import BatchShape, rank_indices, stream_indices
+from gradaccum.windows import WindowRunner
 
 __all__ = ["CHECKPOINT", "METRICS", "PLOT", "SUMMARY", "OutDirError", "OutputWriteError", "Stopped",
            "Trainer", "plot_losses", "stream_indices"]
@@ -61,6 +59,7 @@ class Trainer(TrainerSettings):
         self.run = resume.RunState()
         self.rows = runlog.RowMaker(self.items_name)
         self.console = Console(self.steps, self.items_name, self.progress, self.log_every, self.rank)
+        self.windows = WindowRunner(self, self._set_shape, self.console.say)
         self.train_model: nn.Module = self.model
         if self.eval_every is None:
             self.eval_every = max(1, self.steps // EVALS_PER_RUN)
@@ -88,25 +87,9 @@ class Trainer(TrainerSettings):
     def micro_batches(self, step: int | None = None) -> Iterator[Any]:
         """This rank's micro-batches of the current step (or of ``step`` at a fixed effective
         batch), collated lazily one at a time."""
-        for group in self.window_groups(step):
-            yield self.collate_fn([self.dataset[j] for j in group])
-
-    def window_groups(self, step: int | None = None) -> list[list[int]]:
-        """This rank's dataset indices of the current step (or ``step``), one list per micro-batch:
-        ``micro_batch`` examples each, or consecutive runs within ``micro_batch_tokens``."""
         position = self.run.position if step is None else step * self.effective_batch
-        idx = rank_indices(len(self.dataset), self.seed, position, self.shape, self.rank)
-        if self.micro_batch_tokens is None:
-            return [idx[i : i + self.micro_batch] for i in range(0, len(idx), self.micro_batch)]
-        lengths = [example_length(self.dataset[j]) for j in idx]
-        return [[idx[i] for i in run] for run in token_groups(lengths, self.micro_batch_tokens)]
-
-    def _ran(self, acc: Accumulator) -> BatchShape | WindowShape:
-        """The shape the last window ran in (a token budget changes it from window to window)."""
-        if self.micro_batch_tokens is None:
-            return self.shape
-        return WindowShape(self.effective_batch, -(-self.shape.per_rank // acc.accum_steps), acc.accum_steps,
-                           self.world_size)
+        for group in self.windows.groups(position, self.shape):
+            yield self.windows.collate(group)
 
     def _set_shape(self, shape: BatchShape, acc: Accumulator) -> None:
         self.shape, self.effective_batch, self.micro_batch = shape, shape.effective_batch, shape.micro_batch
@@ -165,11 +148,12 @@ class Trainer(TrainerSettings):
         try:
             with StopSignals(self.handle_signals) as signals:
                 for step in range(start, self.steps):
-                    result = self._run_window(acc, step)
+                    result = self.windows.run(acc, self.train_model, self.run.position, self.shape, step)
                     self.run.position += self.effective_batch
                     now = time.perf_counter() - t0
                     elapsed = self.run.elapsed_s = elapsed_before + now
-                    row = self.rows.row(result, step, self._ran(acc), self.run.position, elapsed, now)
+                    ran = self.windows.ran(self.shape, acc)
+                    row = self.rows.row(result, step, ran, self.run.position, elapsed, now)
                     if self._eval_due(step + 1):
                         row["eval_loss"] = self.evaluate()
                     if self.adaptive is not None:
@@ -213,85 +197,6 @@ class Trainer(TrainerSettings):
                                              f"logging step {row['step']}") from None
         self.console.report(row)
 
-    # ------------------------------------------------------------------ windows
-    def _run_window(self, acc: Accumulator, step: int) -> StepResult:
-        """One optimizer step; after an out-of-memory error, shrink the micro-batch and replay.
-
-        The replay starts again from the window's first micro-batch with the same
-        examples, so nothing is lost or counted twice and the effective batch stays.
-        """
-        while True:
-            result = self._window(acc)
-            if result is not None:
-                return result
-            if self.micro_batch_tokens is not None:
-                self._halve_token_budget(step)
-                continue
-            smaller = next_smaller_micro_batch(self.shape.per_rank, self.micro_batch)
-            if smaller is None:
-                raise RuntimeError(f"out of memory at step {step + 1} even with micro-batch 1")
-            old = self.micro_batch
-            self._set_shape(self.shape.with_micro_batch(smaller), acc)
-            self.console.say(f"out of memory with micro-batch {old}; replaying step {step + 1} with "
-                             f"micro-batch {self.micro_batch} x accum steps {self.accum_steps}")
-
-    def _halve_token_budget(self, step: int) -> None:
-        """The OOM replay with a token budget: half of it, never below the window's longest example."""
-        assert self.micro_batch_tokens is not None
-        longest = max(example_length(self.dataset[j]) for group in self.window_groups() for j in group)
-        old = self.micro_batch_tokens
-        if old <= longest:
-            raise RuntimeError(f"out of memory at step {step + 1} even with micro-batch tokens {old} "
-                               f"(the window's longest example)")
-        self.micro_batch_tokens = max(longest, old // 2)
-        self.console.say(f"out of memory with micro-batch tokens {old}; replaying step {step + 1} with "
-                         f"{self.micro_batch_tokens} tokens per micro-batch")
-
-    def _window(self, acc: Accumulator) -> StepResult | None:
-        """Run the window; None when this or another rank ran out of memory (window discarded)."""
-        agree = self.oom_replay and self.world_size > 1 and self._agrees_on_oom()
-        result: StepResult | None = None
-        agreed = False
-        groups = self.window_groups()
-        acc.accum_steps = len(groups)  # varies by window (and rank) with a token budget
-        try:
-            for i, group in enumerate(groups):
-                mb = self.collate_fn([self.dataset[j] for j in group])
-                if agree and i == acc.accum_steps - 1:
-                    # Before the last micro-batch (whose backward syncs gradients) every
-                    # rank says whether it ran out of memory, so all replay together.
-                    agreed = True
-                    if sync.any_rank(False):
-                        acc.discard()
-                        return None
-                with acc.micro_step():
-                    with self._autocast():
-                        loss_sum, num_items = self.loss_fn(self.train_model, mb)
-                    result = acc.backward(loss_sum, num_items)
-        except torch.cuda.OutOfMemoryError:
-            if not self.oom_replay or agreed:
-                raise  # after the agreement the other ranks are already inside the sync
-        else:
-            return result
-        # Outside the except block: the traceback no longer pins the window's tensors.
-        acc.discard()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if agree:
-            sync.any_rank(True)
-        return None
-
-    def _agrees_on_oom(self) -> bool:
-        if self.oom_agreement is not None:
-            return self.oom_agreement
-        return any(p.is_cuda for p in self.train_model.parameters())
-
-    def _autocast(self) -> Any:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type(self.train_model), dtype=self.autocast_dtype)
-
     # ------------------------------------------------------------------ eval, adaptive batch
     def _eval_due(self, done: int) -> bool:
         if self.eval_dataset is None or len(self.eval_dataset) == 0:
@@ -302,16 +207,8 @@ class Trainer(TrainerSettings):
         """Exact item-mean loss over ``eval_dataset`` (Σ loss_sum / Σ num_items, all ranks)."""
         assert self.eval_dataset is not None
         return evaluate_loss(self._unwrapped(), self.eval_dataset, self.loss_fn, self.collate_fn,
-                             self._eval_micro_batch(), self._autocast)
-
-    def _eval_micro_batch(self) -> int:
-        """Held-out examples per micro-batch: ``micro_batch``, or as many of the longest as the token
-        budget holds."""
-        if self.micro_batch_tokens is None:
-            return self.micro_batch
-        assert self.eval_dataset is not None
-        longest = max(example_length(ex) for ex in self.eval_dataset)
-        return max(1, self.micro_batch_tokens // longest)
+                             self.windows.eval_micro_batch(self.shape, self.eval_dataset),
+                             lambda: self.windows.autocast(self.train_model))
 
     def _adapt(self, acc: Accumulator, opt: torch.optim.Optimizer, sched: Any, critical: float | None
                ) -> None:

@@ -8,6 +8,7 @@ from gradaccum.check import check, load_target
 from gradaccum.commands import BadInput
 from gradaccum.commands.common import load, workload_spec
 from gradaccum.errors import one_line
+from gradaccum.workloads.packing import PackedLoss
 
 
 def run(opts: argparse.Namespace) -> int:
@@ -22,6 +23,8 @@ def run(opts: argparse.Namespace) -> int:
             raise BadInput("check: the data has fewer than two examples")
         examples = [work.dataset[i] for i in range(min(opts.batch, len(work.dataset)))]
         model, loss_fn, batch = work.model, work.loss_fn, work.collate_fn(examples)
+        if work.padded_collate_fn is not None:  # --packing: split by examples, run packed
+            loss_fn, batch = PackedLoss(work.collate_fn, work.loss_fn), work.padded_collate_fn(examples)
     try:
         report = check(model, loss_fn, batch, micro_batch_size=opts.micro_batch)
     except (ValueError, TypeError) as e:  # the user's loss raising included: check names it

@@ -13,7 +13,7 @@ from gradaccum.memory import AnalyticEstimate
 from gradaccum.stream import check_divides_world
 from gradaccum.workloads import WorkloadError, hf
 from gradaccum.workloads.precision import device, resolve
-from gradaccum.workloads.prepare import WorkloadSpec
+from gradaccum.workloads.prepare import WorkloadSpec, longest_example
 
 
 def run(opts: argparse.Namespace) -> int:
@@ -25,17 +25,22 @@ def run(opts: argparse.Namespace) -> int:
         check_divides_world(opts.effective_batch, world)
     except ValueError as e:
         raise bad_input(e) from None
-    spec = workload_spec(opts)
+    spec = workload_spec(opts, token_budget=True)  # --packing plans a token budget
     if spec.fsdp or config_only(opts.model):
         return _analytic(opts, spec, world)
     work, _ = load(spec)
     p = planning.plan(spec, work, opts.effective_batch, opts.memory_budget, world)
     if sync.rank() != 0:
         return 0
+    tokens = {"micro_batch_tokens": p.micro_batch * longest_example(work)} if spec.packing else {}
     if opts.json:
-        print(json.dumps({**p.to_json(), "method": "measured"}))
+        print(json.dumps({**p.to_json(), "method": "measured", **tokens}))
         return 0
     planning.print_plan(p)
+    if tokens:
+        n = tokens["micro_batch_tokens"]
+        print(f"packing: micro-batches of at most {n} tokens ({p.micro_batch} x the longest example, in rows "
+              f"of at most {work.info.get('max_length')}): train --packing --micro-batch-tokens {n}")
     return 0
 
 

@@ -71,6 +71,8 @@ class Workload:
 
     scores_fn: Callable[[nn.Module], dict[str, dict[str, float]]] | None = None
     """Demo task only: per puzzle kind, exact match and the share of answer characters right."""
+    padded_collate_fn: Callable[[list[Example]], dict[str, torch.Tensor]] | None = None
+    """With --packing: the padded collate ``collate_fn`` replaced (one example per row)."""
 
     def examples_for_items(self, items: float) -> float:
         """Convert an item count (tokens: e.g. the noise scale) to examples, at the mean rate."""

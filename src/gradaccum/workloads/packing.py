@@ -39,6 +39,21 @@ class PackCollator:
         return batch
 
 
+class PackedLoss:
+    """``loss_fn(model, padded_batch)`` that packs the batch's rows (one example each) first:
+    lets ``ga.check`` split a batch by examples and still run packed micro-batches."""
+
+    def __init__(self, collate: Any, loss_fn: Any) -> None:
+        self.collate = collate
+        self.loss_fn = loss_fn
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        examples = [(ids[:n].tolist(), lab[:n].tolist())
+                    for ids, lab, n in zip(batch["input_ids"], batch["labels"], lengths, strict=True)]
+        return self.loss_fn(model, self.collate(examples))
+
+
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], per: str = "token"
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_sum, num_items)`` of a padded or packed micro-batch (``losses.causal_lm``).

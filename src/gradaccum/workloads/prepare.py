@@ -116,6 +116,7 @@ def _batching(work: Workload, spec: WorkloadSpec) -> None:
     row = None
     if spec.token_budget:
         row = work.info.get("max_length") or longest_example(work)
+    work.padded_collate_fn = work.collate_fn
     work.collate_fn = packing.PackCollator(getattr(work.collate_fn, "pad_id", 0), row, attention)
     work.info["packing"] = attention
 
