@@ -329,3 +329,39 @@ def test_names_and_numbers() -> None:
     assert trackers.missing("tensorboard") is None
     assert trackers.missing("no_such_module_here") == ('no_such_module_here is not installed; '
                                                        'pip install "gradaccum[no_such_module_here]"')
+
+
+@pytest.mark.slow  # ~30 s: a real SIGKILL between checkpoints, then --resume in a fresh process
+def test_sigkill_then_resume_never_sends_a_step_twice(offline: Path) -> None:
+    import time
+
+    import torch
+
+    out = offline / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "gradaccum", "train", "--steps", "40", "--effective-batch", "8",
+            "--micro-batch", "4", "--checkpoint-every", "5", "--eval-every", "0",
+            "--report-to", "tensorboard,mlflow", "--out", str(out)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 8):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 5 <= saved < 40
+    r = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [x["step"] for x in rows] == list(range(1, 41))
+    metrics, _ = mlflow_metrics(out)
+    for tool, got in (("tensorboard", tensorboard_scalars(out)), ("mlflow", metrics)):
+        steps = [s for s, _ in got["loss"]]
+        assert len(steps) == len(set(steps)), tool  # never twice
+        # every step after the checkpoint resumed from; before it, a kill between that checkpoint
+        # and its send may have kept its last batch (saved - 4 .. saved) from the tracker
+        assert set(range(1, saved - 4)) | set(range(saved + 1, 41)) <= set(steps), tool
+        kept = [{"step": x["step"], "loss": x["loss"]} for x in rows if x["step"] in steps]
+        check_every_step_once(got, kept, tool, rel=1e-6)
