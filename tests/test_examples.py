@@ -21,6 +21,17 @@ def test_plain_loop_example_runs() -> None:
     assert "OK: accumulation-safe" in p.stdout and "train accuracy" in p.stdout
 
 
+def test_contrastive_example_trains_exactly_with_in_batch_negatives() -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / "contrastive.py")], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "non-additive-loss -> use step_cached"
+    recall = [float(line.split("recall@1 ")[1].split()[0]) for line in lines if "recall@1" in line]
+    assert recall[-1] > 20 * max(recall[0], 1 / 512)  # from chance among 512 to far above it
+
+
 @pytest.mark.slow
 def test_finetune_example_runs(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
