@@ -375,4 +375,5 @@ def machine_info() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "accelerate": _version("accelerate"),
         "lightning": _version("lightning"),
+        "sentence_transformers": _version("sentence-transformers"),
     }

@@ -191,3 +191,19 @@ def test_hf_trainer_peer_runs_and_both_are_exact(tmp_path: Path) -> None:
     hp.write_docs(res, tmp_path)
     assert json.loads((tmp_path / "benchmarks.json").read_text())["hf_trainer"]["setting"]["k"] == 2
     assert "<!-- hf_trainer:begin -->" in (tmp_path / "benchmarks.md").read_text()
+
+
+@pytest.mark.slow
+def test_contrastive_benchmark_core() -> None:
+    """benchmarks/contrastive.py on 32 pairs, one round: the exact contenders are exact."""
+    pytest.importorskip("sentence_transformers")
+    import contrastive
+
+    res = contrastive.run(rounds=1, warmup=0, effective=32, threads=1)
+    err = res["grad_rel_error"]
+    # float32 contenders against float64: the full batch's own error is the floor.
+    assert err["gradaccum step_cached"] < 10 * err["full"] + 1e-6
+    assert err["sentence-transformers cached"] < 10 * err["full"] + 1e-6
+    assert err["plain accumulation"] > 100 * err["full"]  # 15 negatives per row instead of 31
+    assert res["peak_vs_full"]["gradaccum step_cached"] < 1.0
+    assert "| gradaccum step_cached |" in contrastive.table(res)
