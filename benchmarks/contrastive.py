@@ -18,7 +18,7 @@ included) relative to ``full``, median of per-round ratios, contenders interleav
 rotating order; peak bytes of tensors allocated in one window (``gradaccum.memory.PeakTracker``,
 after a warm-up window, parameters not counted) relative to ``full``.
 
-    python benchmarks/contrastive.py [--rounds 7] [--write-docs]
+    python benchmarks/contrastive.py [--threads 1] [--rounds 15] [--write-docs]
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def reference_grad(st: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the measurements
 def run(
-    rounds: int = 7, warmup: int = 1, effective: int = EFFECTIVE, threads: int | None = None
+    rounds: int = 15, warmup: int = 1, effective: int = EFFECTIVE, threads: int | None = None
 ) -> dict[str, Any]:
     """Gradient error, time per window and peak memory of every contender; a JSON-ready dict."""
     common.set_threads(threads)
@@ -221,7 +221,9 @@ def describe(res: dict[str, Any]) -> str:
     m, b = res["machine"], res["bert"]
     full_s, full_mib = res["seconds_per_window"]["full"]["median"], res["peak_bytes"]["full"] / 2**20
     return "\n".join([
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch "
+        f"thread{'s' if m['torch_threads'] != 1 else ''}, "
+        f"1-min load average {m['load_average_1min']:.1f} at the start), "
         f"torch {m['torch']}, transformers {m['transformers']}, "
         f"sentence-transformers {m['sentence_transformers']}, gradaccum {m['gradaccum']}.",
         "",
@@ -240,7 +242,7 @@ def describe(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=7, help="measured rounds (default 7)")
+    p.add_argument("--rounds", type=int, default=15, help="measured rounds (default 15)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not measured (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
