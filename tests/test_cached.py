@@ -219,6 +219,15 @@ def test_misuse_is_refused_by_name() -> None:
         s.acc.step_cached(micros, encode, lambda r: r[0].sum())
     with pytest.raises(ValueError, match="loss_sum must be a scalar"):
         s.acc.step_cached(micros, encode, lambda r: (r[0].sum(1), 4))
+    calls = []
+
+    def unsteady(model: nn.Module, mb: Micro) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)  # the second pass drops a row: not a function of the RNG state
+        q, k = encode(model, mb)
+        return (q, k) if len(calls) <= len(micros) else (q[1:], k[1:])
+
+    with pytest.raises(ValueError, match="encode returned other shapes"):
+        s.acc.step_cached(micros, unsteady, s.window_loss)
     with s.acc.micro_step(), pytest.raises(ga.AccumulatorStateError, match="step_cached"):
         s.acc.step_cached(micros, encode, s.window_loss)
     assert all(p.grad is None for p in s.model.parameters()) and s.acc.optimizer_steps == 0
