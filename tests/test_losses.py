@@ -138,7 +138,7 @@ def test_info_nce_couples_rows_and_a_learnable_temperature_gets_its_gradient(gen
     t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     whole, _ = ga.losses.info_nce(q, k, t)
     halves = ga.losses.info_nce(q[:3], k[:3], t)[0] + ga.losses.info_nce(q[3:], k[3:], t)[0]
-    assert abs(float((whole - halves).detach())) > 0.1  # not a sum over examples: accumulation needs step_cached
+    assert abs(float((whole - halves).detach())) > 0.1  # not a sum over examples: needs step_cached
     whole.backward()
     want = torch.autograd.grad(_info_nce_by_rows(q, k, t), t)[0]
     assert t.grad is not None and torch.allclose(t.grad, want, rtol=1e-10)
