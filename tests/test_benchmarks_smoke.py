@@ -207,3 +207,17 @@ def test_contrastive_benchmark_core() -> None:
     assert err["plain accumulation"] > 100 * err["full"]  # 15 negatives per row instead of 31
     assert res["peak_vs_full"]["gradaccum step_cached"] < 1.0
     assert "| gradaccum step_cached |" in contrastive.table(res)
+
+
+@pytest.mark.slow
+def test_packing_benchmark_runs_and_everyone_is_exact(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/packing.py end to end at 3 steps: every contender's gradient (TRL's too) is the
+    float64 full batch's to fp32 rounding (a leak between packed examples would be ~1e-1)."""
+    pytest.importorskip("trl")
+    import packing
+
+    res = packing.measure(steps=3, warmup=1)
+    assert set(res["contenders"]) == {"padded", "packed", "packed-tokens", "packed (A/A)", "trl padding_free",
+                                      "trl padded"}
+    for r in res["contenders"].values():
+        assert r["grad_rel_error_vs_float64"] < 1e-5
