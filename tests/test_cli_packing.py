@@ -116,3 +116,15 @@ def test_auto_micro_batch_with_packing_plans_a_token_budget(files: dict[str, Pat
                                                            capsys: Any) -> None:
     assert _train(files, tmp_path / "auto", "--packing", "--micro-batch", "auto", "--steps", "1") == 0
     assert "micro-batches of at most" in capsys.readouterr().out
+
+
+def test_the_demo_packs_too(tmp_path: Path) -> None:
+    runs = {"pad": [], "packed": ["--packing"], "tokens": ["--packing", "--micro-batch-tokens", "120"]}
+    curves = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert main(["train", "--steps", "2", "--effective-batch", "16", "--out", str(out),
+                     "--no-noise-scale", "--eval-every", "0", *extra]) == 0
+        curves[name] = [r["loss"] for r in _rows(out)]
+    assert curves["packed"] == pytest.approx(curves["pad"], rel=1e-5)
+    assert curves["tokens"] == pytest.approx(curves["pad"], rel=1e-5)
