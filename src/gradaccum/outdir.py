@@ -33,8 +33,9 @@ PLOT = "loss.png"
 CONFIG = "config.json"  # the resolved run
 MODEL_DIR = "model"  # OUT/model: save_pretrained form (HF models and LoRA adapters)
 TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard's event files
+TRACKERS = "trackers.json"  # --report-to: what each tracker was sent (trackers.LEDGER)
 LOCK = ".gradaccum.lock"
-OUTPUTS = (METRICS, CHECKPOINT, SUMMARY, PLOT, CONFIG)
+OUTPUTS = (METRICS, CHECKPOINT, SUMMARY, PLOT, CONFIG, TRACKERS)
 RUN_MARKERS = (METRICS, CHECKPOINT)
 """Files whose presence means the directory already holds a run."""
 

@@ -7,12 +7,13 @@ the environment (``WANDB_PROJECT``, ``WANDB_MODE``, ``MLFLOW_TRACKING_URI``,
 every numeric key of every metrics row at its optimizer step, the run's config as
 hyperparameters, at the end the summary's numbers and the plot.
 
-Exactly once, across kills and ``--resume``: the Trainer hands rows over only once a
-checkpoint covers them, and that checkpoint already records each tracker's run id and the
-step it is being sent up to (:meth:`Trackers.state`). A resumed run sends only later steps;
-a kill between the checkpoint and the send loses those steps in the tracker rather than
-sending them twice (metrics.jsonl keeps every step). A tracker that raises is reported once
-on stderr and dropped; training goes on.
+Live and exactly once, across kills and ``--resume``: every step is sent as it ends, and just
+before each send ``OUT/trackers.json`` records (atomically) each tracker's run id and the
+step it is being sent up to; checkpoints keep the same record. A resumed run (bitwise the
+same steps again) sends only steps past the later of the two records; a kill between the
+record and the send loses that step in the tracker rather than sending it twice
+(metrics.jsonl keeps every step). A tracker that raises is reported once on stderr and
+dropped; training goes on.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradaccum.checkpoint import atomic_write_bytes
 from gradaccum.errors import one_line
 
 NAMES = ("tensorboard", "wandb", "mlflow", "trackio")
 TENSORBOARD_DIR = "tensorboard"  # OUT/tensorboard: the event files (outdir.TENSORBOARD_DIR)
+LEDGER = "trackers.json"  # OUT/trackers.json: each tracker's run id and last step sent (outdir.TRACKERS)
 
 
 def parse_names(text: str) -> list[str]:
@@ -263,7 +266,7 @@ class Trackers:
     each sent the rows it has not had yet, dropped (one line on stderr) when it raises."""
 
     def __init__(self, trackers: Sequence[Tracker], config: dict[str, Any],
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, ledger: Path | None = None) -> None:
         # Rank 0 only under torchrun (its RANK): the others' rows are the same run's.
         self.live = list(trackers) if os.environ.get("RANK", "0") == "0" else []
         self.config = {k: v for k, v in flat(config).items() if v is not None}
@@ -273,20 +276,41 @@ class Trackers:
         self.through = {t.name: 0 for t in self.live}
         self.sent: set[str] = set()
         self.started = False
+        self.ledger = ledger
+        """OUT/trackers.json: what each tracker was (about to be) sent, written before each send."""
 
     @classmethod
     def named(cls, names: Sequence[str], out: Path | None, config: dict[str, Any]) -> Trackers:
-        return cls([TRACKERS[n](out) for n in names], config)
+        ledger = out / LEDGER if out is not None else None
+        return cls([TRACKERS[n](out) for n in names], config, ledger=ledger)
 
     def restore(self, state: Any) -> None:
-        """The checkpoint's record (:meth:`state`); a malformed entry counts as none (a fresh run
-        of that tracker, sent every step)."""
-        if not isinstance(state, dict):
+        """A resumed run: the checkpoint's record (:meth:`state`), and the ledger's where it got
+        further (steps sent after that checkpoint, before a kill). A malformed entry counts as
+        none (a fresh run of that tracker, sent every step)."""
+        if not isinstance(state, dict) or self.started:
             return
-        for name, rec in state.items():
-            if isinstance(rec, dict) and isinstance(rec.get("id"), (str, type(None))) \
-                    and isinstance(rec.get("through"), int) and rec["through"] >= 0:
-                self.records[name] = {"id": rec["id"], "through": rec["through"]}
+        for source in (state, self._read_ledger()):
+            for name, rec in source.items():
+                if isinstance(rec, dict) and isinstance(rec.get("id"), (str, type(None))) \
+                        and isinstance(rec.get("through"), int) and rec["through"] >= 0:
+                    old = self.records.get(name, {"id": None, "through": -1})
+                    if rec["through"] > old["through"]:
+                        self.records[name] = {"id": rec["id"] or old["id"], "through": rec["through"]}
+
+    def _read_ledger(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.ledger.read_text()) if self.ledger is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_ledger(self) -> None:
+        if self.ledger is None:
+            return
+        live = {t.name: {"id": t.run_id, "through": self.through[t.name]} for t in self.live}
+        text = json.dumps({**self.records, **live}).encode()
+        atomic_write_bytes(self.ledger, lambda f: f.write(text))
 
     def state(self, step: int, saved: Any = None) -> dict[str, Any]:
         """For the checkpoint of ``step``: each live tracker's run id, and that it is sent steps up
@@ -302,12 +326,24 @@ class Trackers:
         """Each live tracker gets the rows of ``history`` (a :class:`~gradaccum.runlog.MetricsHistory`)
         past the steps it already has."""
         self._start()
-        for t in list(self.live):
+        todo = {}
+        for t in self.live:
             first = self.through[t.name]
             rows = [(r["step"], numbers(r)) for r in history.rows(first) if r["step"] > first]
-            if not rows:
-                continue
-            self.through[t.name] = rows[-1][0]  # before the call: one that fails midway is not resent
+            if rows:
+                todo[t.name] = (first, rows)
+                self.through[t.name] = rows[-1][0]  # before the call: one that fails midway is not resent
+        if not todo:
+            return
+        try:
+            self._write_ledger()  # before the sends: a kill now loses these steps, never doubles them
+        except OSError as e:
+            for t in self.live:
+                self.through[t.name] = todo.get(t.name, (self.through[t.name],))[0]
+            self.say(f"gradaccum: trackers: cannot record what they were sent ({one_line(e)}); will retry")
+            return
+        for t in [t for t in list(self.live) if t.name in todo]:
+            rows = todo[t.name][1]
             if self._call(t, "logging", lambda t=t, rows=rows: t.log(rows), rows[0][0]):
                 self.sent.add(t.name)
 

@@ -115,6 +115,8 @@ class Trainer(TrainerSettings):
             assert out is not None
             stamp = outdir.file_stamp(out / CHECKPOINT)
             self._restore(out / CHECKPOINT, opt, sched, acc)
+            if self.trackers is not None:  # before the first send: what each already has
+                self.trackers.restore(self.run.trackers or {})
         start = self.run.step
         lock = outdir.claim(out, self.resume, self.overwrite, stamp) if out is not None else None
         try:
@@ -155,7 +157,7 @@ class Trainer(TrainerSettings):
                     ran = self.windows.ran(self.shape, acc)
                     row = self.rows.row(result, step, ran, self.run.position, elapsed, now)
                     if self._eval_due(step + 1):
-                        row["eval_loss"] = self.evaluate()
+                        row.update(self.evaluate_row())
                     if self.adaptive is not None:
                         self._adapt(acc, opt, sched, row.get("critical_batch"))
                     self._record(row, log, out)
@@ -164,8 +166,8 @@ class Trainer(TrainerSettings):
                     every = self.checkpoint_every and done % self.checkpoint_every == 0
                     if out is not None and (done == self.steps or stop or every):
                         self._save(out / CHECKPOINT, opt, sched, acc)
-                    if self.trackers is not None and (out is None or self.run.last_saved == done):
-                        self.trackers.send(self.history)  # only rows a checkpoint covers: never twice
+                    if self.trackers is not None:
+                        self.trackers.send(self.history)  # live; trackers.json keeps it exactly once
                     if stop and done < self.steps:
                         sync.any_rank(False)  # every rank leaves after rank 0's checkpoint is on disk
                         raise Stopped(stop, done, self.steps, out / CHECKPOINT if out is not None else None)
@@ -209,6 +211,14 @@ class Trainer(TrainerSettings):
         return evaluate_loss(self._unwrapped(), self.eval_dataset, self.loss_fn, self.collate_fn,
                              self.windows.eval_micro_batch(self.shape, self.eval_dataset),
                              lambda: self.windows.autocast(self.train_model))
+
+    def evaluate_row(self) -> dict[str, Any]:
+        """The row's held-out values: ``eval_fn``'s, else ``eval_loss`` (:meth:`evaluate`)."""
+        if self.eval_fn is None:
+            return {"eval_loss": self.evaluate()}
+        assert self.eval_dataset is not None
+        with self.windows.autocast(self.train_model):
+            return self.eval_fn(self._unwrapped(), self.eval_dataset)
 
     def _adapt(self, acc: Accumulator, opt: torch.optim.Optimizer, sched: Any, critical: float | None
                ) -> None:
