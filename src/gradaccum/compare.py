@@ -11,6 +11,12 @@ per-epoch shuffle):
   Accelerate and Lightning do. Off whenever micro-batches hold different item counts.
 - ``small``: no accumulation: batch = micro-batch, k times the optimizer steps.
 
+For a loss that couples a window's examples (in-batch negatives: ``encode`` and ``window_loss``
+given, ``loss_fn`` the same loss on one micro-batch) the contenders are ``full``, ``cached``
+(``Accumulator.step_cached``: the full batch's gradient) and ``plain`` (``step()`` with the loss
+per micro-batch: fewer negatives, the objective every peer's accumulation trains; its logged
+loss is that objective's).
+
 Every contender uses AdamW (weight decay 0.01), a constant learning rate and clipping at
 1.0. The loss it logs is the exact item-mean loss of the step's examples before the
 update, so the curves are on one scale; ``small``'s k steps per window are also summed
@@ -20,6 +26,7 @@ into one point per window for the deviation panel and the table.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -33,6 +40,7 @@ from torch import nn
 
 from gradaccum import checkpoint
 from gradaccum.accumulator import Accumulator, LossFn, clip_grads_, total_norm
+from gradaccum.cached import EncodeFn, WindowLossFn
 from gradaccum.stream import BatchShape, stream_indices
 
 CONTENDERS = ("full", "accumulated", "mean-of-means", "small")
@@ -97,17 +105,24 @@ def run(
     full_fits: bool = True,
     full_note: str = "",
     progress: Callable[[str], None] | None = None,
+    encode: EncodeFn | None = None,
+    window_loss: WindowLossFn | None = None,
 ) -> dict[str, Any]:
-    """Train every contender from ``model``'s weights; returns compare.json's content."""
+    """Train every contender from ``model``'s weights; returns compare.json's content (with ``encode``
+    and ``window_loss``: the contenders of a loss coupling the window, see the module doc)."""
     k = BatchShape(effective_batch, micro_batch).accum_steps
     windows = [
         [dataset[i] for i in data_order(len(dataset), seed, s * effective_batch, effective_batch)]
         for s in range(steps)
     ]
     start = [p.detach().clone() for p in model.parameters()]
-    runners = {"full": _full, "accumulated": _accumulated, "mean-of-means": _mean_of_means, "small": _small}
+    runners: dict[str, Any] = {"full": _full, "accumulated": _accumulated, "mean-of-means": _mean_of_means,
+                               "small": _small}
+    if encode is not None and window_loss is not None:
+        cached = functools.partial(_accumulated, encode=encode, window_loss=window_loss)
+        runners = {"full": _full, "cached": cached, "plain": _accumulated}
     series: dict[str, Series] = {}
-    for name in CONTENDERS:
+    for name in runners:
         if name == "full" and not full_fits:
             continue
         if progress is not None:
@@ -120,8 +135,9 @@ def run(
         s.seconds = time.perf_counter() - t0
         s.params = [p.detach().clone() for p in work.parameters()]
         series[name] = s
-    reference = "full" if "full" in series else "accumulated"
-    return _result(series, reference, start, effective_batch, micro_batch, k, steps, lr, seed, full_note)
+    reference = "full" if "full" in series else next(iter(series))
+    return _result(series, list(runners), reference, start, effective_batch, micro_batch, k, steps, lr, seed,
+                   full_note)
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -162,11 +178,14 @@ def _full(model: nn.Module, opt: Any, windows: list[list[Any]], loss_fn: LossFn,
 
 
 def _accumulated(model: nn.Module, opt: Any, windows: list[list[Any]], loss_fn: LossFn, collate: Any,
-                 micro_batch: int, k: int) -> Series:
+                 micro_batch: int, k: int, encode: EncodeFn | None = None,
+                 window_loss: WindowLossFn | None = None) -> Series:
+    """gradaccum's ``step()``; with ``encode`` and ``window_loss``, ``step_cached()`` (``cached``)."""
     s = Series([], [], [], [])
     acc = Accumulator(model, opt, accum_steps=k, max_grad_norm=MAX_GRAD_NORM)
     for step, window in enumerate(_peak_first(s, windows)):
-        res = acc.step((collate(mb) for mb in _micro(window, micro_batch)), loss_fn)
+        micro = (collate(mb) for mb in _micro(window, micro_batch))
+        res = acc.step(micro, loss_fn) if encode is None else acc.step_cached(micro, encode, window_loss)
         s.loss.append(res.loss)
         s.grad_norm.append(res.grad_norm)
         s.examples_seen.append((step + 1) * len(window))
@@ -238,12 +257,13 @@ def _param_rel_diff(got: list[torch.Tensor], want: list[torch.Tensor], start: li
     return math.sqrt(num / den) if den else math.inf
 
 
-def _result(series: dict[str, Series], reference: str, start: list[torch.Tensor], effective_batch: int,
-            micro_batch: int, k: int, steps: int, lr: float, seed: int, full_note: str) -> dict[str, Any]:
+def _result(series: dict[str, Series], names: list[str], reference: str, start: list[torch.Tensor],
+            effective_batch: int, micro_batch: int, k: int, steps: int, lr: float, seed: int, full_note: str
+            ) -> dict[str, Any]:
     ref = series[reference]
     assert ref.params is not None
     contenders: dict[str, Any] = {}
-    for name in CONTENDERS:
+    for name in names:
         if name not in series:
             contenders[name] = {"ran": False, "reason": full_note or "does not fit"}
             continue
@@ -328,7 +348,8 @@ def write(result: dict[str, Any], out: Path) -> None:
     plot(result, out / COMPARE_PNG)
 
 
-COLORS = {"full": "black", "accumulated": "tab:blue", "mean-of-means": "tab:red", "small": "tab:orange"}
+COLORS = {"full": "black", "accumulated": "tab:blue", "mean-of-means": "tab:red", "small": "tab:orange",
+          "cached": "tab:blue", "plain": "tab:red"}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -358,7 +379,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].axhspan(1e-17, 1e-5, color="green", alpha=0.08, label="float rounding")
     axes[1].set_ylabel(f"|loss - {ref}| / {ref}")
     axes[1].legend(fontsize=8)
-    for name, batch in (("small", result["micro_batch"]), ("accumulated", result["effective_batch"])):
+    for name, batch in (("small", result["micro_batch"]), ("accumulated", result["effective_batch"]),
+                        ("cached", result["effective_batch"]), ("plain", result["effective_batch"])):
         if name in ran:
             axes[2].plot(ran[name]["examples_seen"], ran[name]["grad_norm"], color=COLORS[name],
                          label=f"{name} (batch {batch})", lw=0.8 if name == "small" else 1.5)

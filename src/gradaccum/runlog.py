@@ -33,7 +33,7 @@ ROW_KEYS = (
     "step", "loss", "lr", "grad_norm", "num_items", "skipped", "micro_batch", "accum_steps", "world_size",
     "effective_batch", "examples_seen", "elapsed_s", "{items}_per_s", "examples_per_s",
     "noise_scale", "critical_batch",
-    "eval_loss",
+    "eval_loss", "eval_recall_at_1",
 )
 """The one schema of a metrics row, in order: every row has every key, null where there is no
 value (yet). ``{items}`` is what ``num_items`` counts (e.g. ``tokens_per_s``)."""

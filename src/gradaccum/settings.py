@@ -119,6 +119,15 @@ class TrainerSettings:
     examples (the same ones) go in consecutive runs of at most this many tokens, so the
     number of micro-batches varies by window and by rank; ``collate_fn`` packs each run.
     An out-of-memory error replays the window at half the budget."""
+    encode: Callable[[nn.Module, Any], Any] | None = None
+    """With ``window_loss``: each window goes through ``Accumulator.step_cached(micro_batches, encode,
+    window_loss)`` instead of ``loss_fn`` per micro-batch, for a loss that couples the window's
+    examples (in-batch negatives); ``encode(model, micro) -> representations``."""
+    window_loss: Callable[[Any], tuple[torch.Tensor, Any]] | None = None
+    """``window_loss(reps) -> (loss_sum, num_items)`` on the whole window's representations (over ranks)."""
+    eval_fn: Callable[[nn.Module, Sequence[Any]], dict[str, Any]] | None = None
+    """Scores ``eval_dataset`` instead of the item-mean ``loss_fn``: ``eval_fn(model, eval_dataset)``
+    returns the row's values by key (``eval_loss``, and e.g. ``eval_recall_at_1``)."""
 
     def check(self) -> None:
         """ValueError naming the first setting that cannot be (the Trainer calls it first)."""
@@ -135,4 +144,6 @@ class TrainerSettings:
         tokens = self.micro_batch_tokens
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"micro_batch_tokens must be a positive integer, got {tokens!r}")
+        if (self.encode is None) != (self.window_loss is None):
+            raise ValueError("encode and window_loss go together (step_cached needs both)")
         outdir.check_mode(self.resume, self.overwrite)

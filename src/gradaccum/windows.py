@@ -5,6 +5,8 @@ A step's examples (this rank's shard, :func:`gradaccum.stream.rank_indices`) are
 into ``micro_batch`` examples at a time, or, with ``micro_batch_tokens``, into consecutive
 runs of at most that many tokens, so the number of micro-batches varies by window and by
 rank. Either way the window holds the same examples, so the split changes only rounding.
+With ``encode`` and ``window_loss`` (a loss coupling the window's examples) the window goes
+through ``Accumulator.step_cached`` instead, replayed the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from gradaccum.settings import TrainerSettings
 from gradaccum.stream import BatchShape, WindowShape, next_smaller_micro_batch, rank_indices
 
 
+class OutOfMemoryElsewhere(Exception):
+    """Another rank ran out of memory in this window: every rank discards it and replays."""
+
+
 class WindowRunner:
     """Feeds a step's micro-batches to the Accumulator; on out-of-memory, replays them smaller.
 
@@ -39,6 +45,8 @@ class WindowRunner:
         self.say = say
         self.rank = sync.rank()
         self.world_size = sync.world_size()
+        self.agreed = False
+        """Whether this window's ranks agreed that none ran out of memory (they are in the sync then)."""
 
     # ------------------------------------------------------------------ which examples together
     def groups(self, position: int, shape: BatchShape) -> list[list[int]]:
@@ -112,28 +120,16 @@ class WindowRunner:
         """Run the window; None when this or another rank ran out of memory (window discarded)."""
         s = self.settings
         agree = s.oom_replay and self.world_size > 1 and self._agrees_on_oom(model)
-        result: StepResult | None = None
-        agreed = False
+        self.agreed = False
         acc.accum_steps = len(groups)  # varies by window (and rank) with a token budget
         try:
-            for i, group in enumerate(groups):
-                mb = self.collate(group)
-                if agree and i == acc.accum_steps - 1:
-                    # Before the last micro-batch (whose backward syncs gradients) every
-                    # rank says whether it ran out of memory, so all replay together.
-                    agreed = True
-                    if sync.any_rank(False):
-                        acc.discard()
-                        return None
-                with acc.micro_step():
-                    with self.autocast(model):
-                        loss_sum, num_items = s.loss_fn(model, mb)
-                    result = acc.backward(loss_sum, num_items)
+            run = self._micro_steps if s.encode is None else self._cached
+            return run(acc, model, groups, agree)
         except torch.cuda.OutOfMemoryError:
-            if not s.oom_replay or agreed:
+            if not s.oom_replay or self.agreed:
                 raise  # after the agreement the other ranks are already inside the sync
-        else:
-            return result
+        except OutOfMemoryElsewhere:
+            agree = False  # agreed already
         # Outside the except block: the traceback no longer pins the window's tensors.
         acc.discard()
         gc.collect()
@@ -142,6 +138,51 @@ class WindowRunner:
         if agree:
             sync.any_rank(True)
         return None
+
+    def _agreement(self, agree: bool, last: bool = True) -> None:
+        """Under the OOM agreement, before a synchronising step: every rank says it is fine, or
+        they all replay (OutOfMemoryElsewhere). A rank out of memory says so from ``_window``."""
+        if agree:
+            self.agreed = last
+            if sync.any_rank(False):
+                raise OutOfMemoryElsewhere
+
+    def _micro_steps(self, acc: Accumulator, model: nn.Module, groups: list[list[int]], agree: bool
+                     ) -> StepResult:
+        s = self.settings
+        result: StepResult | None = None
+        for i, group in enumerate(groups):
+            mb = self.collate(group)
+            if i == acc.accum_steps - 1:
+                self._agreement(agree)  # before the last micro-batch, whose backward syncs gradients
+            with acc.micro_step():
+                with self.autocast(model):
+                    loss_sum, num_items = s.loss_fn(model, mb)
+                result = acc.backward(loss_sum, num_items)
+        assert result is not None
+        return result
+
+    def _cached(self, acc: Accumulator, model: nn.Module, groups: list[list[int]], agree: bool) -> StepResult:
+        """The window through ``step_cached`` (a loss coupling its examples). Under the agreement the
+        ranks agree twice: before the representations are gathered (once every micro-batch is
+        encoded) and before the last re-encode, whose backward syncs gradients."""
+        s = self.settings
+        assert s.encode is not None and s.window_loss is not None
+        encode_fn, calls = s.encode, [0]
+
+        def micro_batches() -> Any:
+            for group in groups:
+                yield self.collate(group)
+            self._agreement(agree, last=False)
+
+        def encode(m: nn.Module, mb: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2 * len(groups):  # each micro-batch is encoded twice: this is the last
+                self._agreement(agree)
+            return encode_fn(m, mb)
+
+        with self.autocast(model):
+            return acc.step_cached(micro_batches(), encode, s.window_loss)
 
     def _agrees_on_oom(self, model: nn.Module) -> bool:
         if self.settings.oom_agreement is not None:

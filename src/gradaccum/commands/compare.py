@@ -1,4 +1,5 @@
-"""``gradaccum compare``: full batch vs accumulated vs mean-of-means vs small batch, one picture."""
+"""``gradaccum compare``: full batch vs accumulated vs mean-of-means vs small batch, one picture
+(pairs data, an embedding model: full batch vs step_cached vs plain accumulation)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _run(opts: argparse.Namespace, work: Any, out: Path, trackers: Trackers | No
         work.model, work.dataset, work.loss_fn, work.collate_fn, opts.effective_batch, opts.micro_batch,
         opts.steps, opts.lr, opts.seed, full_fits=fits, full_note=note,
         progress=lambda name: print(f"gradaccum compare: training '{name}' ...", file=sys.stderr, flush=True),
+        encode=work.encode, window_loss=work.window_loss,
     )
     try:
         compare.write(result, out)

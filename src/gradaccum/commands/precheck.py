@@ -5,11 +5,12 @@ once. The commands check the same inputs again, fully, when they build the workl
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gradaccum import trackers
-from gradaccum.commands import BadInput
+from gradaccum.commands import BadInput, pairs
 from gradaccum.workloads.errors import WorkloadError
-from gradaccum.workloads.files import check_data_file, check_model_dir, regular_file
+from gradaccum.workloads.files import check_data_file, check_model_dir, is_pairs_file, regular_file
 
 TRAINS = ("train", "plan", "bench", "compare", "check")
 """Commands that build a --model/--data workload (check: without a TARGET)."""
@@ -36,3 +37,11 @@ def inputs(opts: argparse.Namespace) -> None:
                 regular_file(path, flag, WorkloadError) if demo else check_data_file(path, flag)
     except WorkloadError as e:
         raise BadInput(str(e)) from None
+    pairs.check(opts, bool(_pairs(opts.data)), _pairs(eval_data))
+
+
+def _pairs(path: str | None) -> bool | None:
+    """Whether a (checked) data file holds anchor/positive pairs; None without a file."""
+    if path is None:
+        return None
+    return Path(path).suffix.lower() in (".jsonl", ".json") and is_pairs_file(path)

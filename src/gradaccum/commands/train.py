@@ -34,6 +34,7 @@ from gradaccum.stopping import Stopped
 from gradaccum.stream import BatchShape, check_divides_world, default_micro_batch
 from gradaccum.trainer import Trainer
 from gradaccum.workloads import Workload, WorkloadError, lora
+from gradaccum.workloads.embedding import EmbeddingEval
 from gradaccum.workloads.precision import Precision, device
 from gradaccum.workloads.prepare import WorkloadSpec, longest_example, shard_workload
 
@@ -248,10 +249,11 @@ def _trainer(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, preci
             scheduler_factory=lambda opt: warmup_then(opt, opts.steps, opts.lr_scheduler, opts.warmup),
             out_dir=out, checkpoint_every=opts.checkpoint_every, resume=opts.resume, overwrite=opts.overwrite,
             extra_state=work.extra_state, run_config=run_config(opts, spec, work, precision, adaptive),
-            items_name="tokens", grad_dtype=work.grad_dtype, autocast_dtype=precision.autocast,
+            items_name=work.items, grad_dtype=work.grad_dtype, autocast_dtype=precision.autocast,
             eval_dataset=work.eval_dataset, eval_every=opts.eval_every, measure_noise=not opts.no_noise_scale,
             adaptive=adaptive, save_model=model_saver(work), final_metrics=final_metrics(work),
             sync_every_micro_batch=sync_every, micro_batch_tokens=opts.micro_batch_tokens,
+            encode=work.encode, window_loss=work.window_loss, eval_fn=work.eval_fn,
             **opts.trainer_options,
         )
     except ValueError as e:
@@ -268,7 +270,7 @@ def model_saver(work: Workload) -> Any:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one bar per shard at every checkpoint is noise
         try:
-            lora.save_model(model, work.tokenizer, target, state_dict=state_dict)
+            (work.save_fn or lora.save_model)(model, work.tokenizer, target, state_dict=state_dict)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -277,6 +279,8 @@ def model_saver(work: Workload) -> Any:
 
 
 def final_metrics(work: Workload) -> Any:
+    if isinstance(work.eval_fn, EmbeddingEval):
+        return work.eval_fn.summary  # final_eval_recall_at_1
     if work.scores_fn is None:
         return None
     scores = work.scores_fn

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradaccum.workloads.data import Collator, Example, count_items, pad_id_of, tokenize_file
 from gradaccum.workloads.errors import WorkloadError
-from gradaccum.workloads.files import file_sha256
+from gradaccum.workloads.files import check_data_file, file_sha256, is_pairs_file
 from gradaccum.workloads.learnable import check_embedding_rows
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
@@ -73,6 +73,17 @@ class Workload:
     """Demo task only: per puzzle kind, exact match and the share of answer characters right."""
     padded_collate_fn: Callable[[list[Example]], dict[str, torch.Tensor]] | None = None
     """With --packing: the padded collate ``collate_fn`` replaced (one example per row)."""
+    encode: Callable[[nn.Module, Any], Any] | None = None
+    """Embedding models (pairs data): ``encode(model, micro) -> representations``; with
+    ``window_loss`` the Trainer runs ``Accumulator.step_cached`` (the loss couples the window)."""
+    window_loss: Callable[[Any], tuple[torch.Tensor, Any]] | None = None
+    eval_fn: Callable[[nn.Module, Sequence[Any]], dict[str, float]] | None = None
+    """Scores the held-out set instead of the item-mean loss (embedding: loss and recall@1)."""
+    items: str = "tokens"
+    """What ``num_items`` counts (the throughput column): tokens, or pairs."""
+    save_fn: Callable[..., Any] | None = None
+    """``save_fn(model, tokenizer, out_dir, state_dict=None)`` writes OUT/model, instead of
+    ``lora.save_model``."""
 
     def examples_for_items(self, items: float) -> float:
         """Convert an item count (tokens: e.g. the noise scale) to examples, at the mean rate."""
@@ -110,6 +121,14 @@ def build_workload(
     """
     if max_length is not None and max_length < 3:
         raise WorkloadError(f"--max-length {max_length}: must be at least 3")
+    json_data = data is not None and Path(data).suffix.lower() in (".jsonl", ".json")
+    if json_data and is_pairs_file(check_data_file(data)):  # type: ignore[arg-type]
+        if model == "demo":
+            raise WorkloadError(f"--data {data}: anchor/positive pairs train an embedding model: give "
+                                "--model DIR (an encoder such as BERT), not the demo")
+        from gradaccum.workloads.embedding import build_embedding
+
+        return build_embedding(model, data, eval_data, max_length, dtype, cache_dir, progress)
     if model == "demo":
         return _demo_workload(data, eval_data, max_length, seed, task_size, eval_size, cache_dir, progress)
     return _hf_workload(model, data, eval_data, max_length, dtype, cache_dir, progress)

@@ -199,9 +199,10 @@ def _nonblank_lines(text: str) -> list[str]:
 # --------------------------------------------------------------------- JSON records
 def load_records(
     path: str | Path, flag: str = "--data", cache_dir: str | None = None, progress: bool = True,
-    demo: bool = False,
+    demo: bool = False, pairs: bool = False,
 ) -> tuple[Any, str]:
-    """A data file as a ``datasets.Dataset`` of raw records, and its format (one of FORMATS).
+    """A data file as a ``datasets.Dataset`` of raw records, and its format (one of FORMATS, or
+    ``"pairs"``, only when ``pairs``: the file's first record is one, see :func:`is_pairs_file`).
 
     For ``.txt`` the records are ``{"text": line}`` for the non-empty lines. The file is
     read as its extension says: never sniffed for (nor opened as) an archive.
@@ -226,12 +227,33 @@ def load_records(
     if is_txt:
         return ds, "text"
     fmt = detect_format(ds.column_names)
+    if fmt == "pairs" and not pairs:  # the first record is not a pair (is_pairs_file): a later one is
+        first = next((i for i, r in enumerate(ds) if r.get("anchor") or r.get("positive")), 0)
+        raise WorkloadError(f"{flag} {path} {record_location(p, first)}: an anchor/positive pair among "
+                            f"{KNOWN_FIELDS} records (one format per file)")
     if fmt is None:
         raise WorkloadError(
             f"{flag} {path} {record_location(p, 0)}: a record with none of the fields {KNOWN_FIELDS} "
             f"(fields: {', '.join(ds.column_names)})"
         )
     return ds, fmt
+
+
+def is_pairs_file(path: str | Path) -> bool:
+    """Whether a checked data file's first record has an ``anchor`` or ``positive`` (pairs train an
+    embedding model). Reads that record only; an unreadable one is False (the full read says why)."""
+    if Path(path).suffix.lower() == ".txt":
+        return False
+    with open(path, "rb") as f:
+        text = f.read(1 << 20).decode("utf-8", errors="ignore").lstrip()
+    try:
+        if text.startswith("["):
+            first, _ = json.JSONDecoder().raw_decode(text[1:].lstrip())
+        else:
+            first = json.loads(text.split("\n", 1)[0])
+    except ValueError:
+        return False
+    return isinstance(first, dict) and ("anchor" in first or "positive" in first)
 
 
 def _plain_files() -> Any:
@@ -253,6 +275,8 @@ def _plain_files() -> Any:
 
 def detect_format(columns: Sequence[str]) -> str | None:
     """The file's format from its columns (TRL's precedence), or None when none is known."""
+    if "anchor" in columns or "positive" in columns:
+        return "pairs"  # checked record by record in workloads.pairs: a file mixing formats is refused
     if "messages" in columns:
         return "messages"
     if "prompt" in columns and "completion" in columns:
