@@ -33,8 +33,10 @@ def check(opts: argparse.Namespace, data_pairs: bool, eval_pairs: bool | None) -
             "--effective-batch auto": (opts.effective_batch == "auto",
                                        "the noise scale it grows with is not measured for a loss that "
                                        "couples the window's examples"),
-            "--micro-batch auto": (opts.micro_batch == "auto" or opts.memory_budget is not None,
-                                   "the planner measures a per-micro-batch loss; give --micro-batch N"),
+            "--micro-batch auto": (opts.micro_batch == "auto", "the planner measures a per-micro-batch loss; "
+                                   "give --micro-batch N"),
+            "--memory-budget": (opts.memory_budget is not None, "the planner measures a per-micro-batch "
+                                "loss; give --micro-batch N"),
         })
     for flag, (given, why) in refused.items():
         if given:
