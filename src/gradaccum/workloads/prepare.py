@@ -80,8 +80,8 @@ def prepare_workload(spec: WorkloadSpec, to_device: bool = True, adapt: bool = T
         work.model.to(torch.bfloat16)
         work.grad_dtype = torch.float32
     _say_truncated(work)
-    _batching(work, spec)
     if not adapt:
+        _batching(work, spec)
         return work, precision
     if spec.lora_r is not None:
         targets = list(spec.lora_targets) if spec.lora_targets else None
@@ -93,6 +93,7 @@ def prepare_workload(spec: WorkloadSpec, to_device: bool = True, adapt: bool = T
     work.grad_dtype = hf.grad_dtype_for(work.model)
     if to_device and not spec.fsdp:
         work.model.to(device())
+    _batching(work, spec)  # on the device: the packing check runs a few tokens through the model
     return work, precision
 
 
