@@ -290,3 +290,22 @@ def test_bad_input_exits_2_touching_nothing(files: dict[str, Path], tmp_path: Pa
         assert tree_digest(tmp_path) == before, name
     r = run_in_process(["plan", "--model", str(files["bert"]), "--data", str(files["train"])], capfd)
     assert_refused(r, "plan", ("plan", "pairs"))
+
+
+@pytest.mark.slow
+def test_two_ranks_gather_the_negatives(files: dict[str, Path], tmp_path: Path) -> None:
+    """torchrun, 2 gloo ranks of 8 pairs each (micro-batch 4): every anchor still sees all 16
+    positives, so the step is the one-process full-batch step."""
+    import _dist_helpers as dh
+
+    args = ["train", "--model", str(files["bert"]), "--data", str(files["train"]), "--steps", "1",
+            "--effective-batch", "16", "--lr", "1e-3", "--warmup-steps", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--micro-batch", "16", "--out", str(one)]) == 0
+    procs = dh.launch_ranks(["-m", "gradaccum", *args, "--micro-batch", "4", "--out", str(two)], timeout=240)
+    assert all(p.rc == 0 for p in procs), [p.err[-2000:] for p in procs]
+    from safetensors.torch import load_file
+
+    start = {k: v for k, v in load_file(files["bert"] / "model.safetensors").items() if "pooler" not in k}
+    a, b = _weights(two), _weights(one)
+    assert _rel({k: a[k] for k in start}, {k: b[k] for k in start}, start) < 1e-4

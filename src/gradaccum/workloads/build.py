@@ -22,7 +22,7 @@ from torch import nn
 
 from gradaccum.workloads.data import Collator, Example, count_items, pad_id_of, tokenize_file
 from gradaccum.workloads.errors import WorkloadError
-from gradaccum.workloads.files import check_data_file, file_sha256, is_pairs_file
+from gradaccum.workloads.files import file_sha256, is_pairs_file, regular_file
 from gradaccum.workloads.learnable import check_embedding_rows
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
@@ -122,10 +122,8 @@ def build_workload(
     if max_length is not None and max_length < 3:
         raise WorkloadError(f"--max-length {max_length}: must be at least 3")
     json_data = data is not None and Path(data).suffix.lower() in (".jsonl", ".json")
-    if json_data and is_pairs_file(check_data_file(data)):  # type: ignore[arg-type]
-        if model == "demo":
-            raise WorkloadError(f"--data {data}: anchor/positive pairs train an embedding model: give "
-                                "--model DIR (an encoder such as BERT), not the demo")
+    # (regular_file first: a pipe would block the peek at the first record)
+    if model != "demo" and json_data and regular_file(data, "--data", WorkloadError) and is_pairs_file(data):
         from gradaccum.workloads.embedding import build_embedding
 
         return build_embedding(model, data, eval_data, max_length, dtype, cache_dir, progress)
