@@ -19,8 +19,9 @@ from torch import nn
 from gradaccum import sync
 from gradaccum._grads import WindowGrads
 from gradaccum._guards import AccumulatorStateError, check_loss, check_skip_limit, count_items
+from gradaccum._probe import NormProbe
 from gradaccum.cached import CachedWindow, EncodeFn, WindowLossFn
-from gradaccum.noise import NoiseScale, NormProbe, SmallBatchSums
+from gradaccum.noise import NoiseScale, SmallBatchSums
 
 
 @dataclass
@@ -46,7 +47,12 @@ class Window:
         """Before the first backward: open the gradients' window, hook the probe too."""
         self.hooks = grads.open()
         if self.probe is not None:
-            self.hooks += self.probe.attach(grads.params)
+            self.hooks += self.probe.attach(grads.params, grads.buffers.buffered, grads.wrapper_params)
+
+    def before_backward(self, synced: bool) -> None:
+        """[distributed] The probe hands a DDP wrapper's gradients back before its synchronising backward."""
+        if self.probe is not None:
+            self.hooks += self.probe.before_backward(synced)
 
     def close(self) -> None:
         """Remove the hooks, so a model outlives its Accumulator with ordinary ``.grad`` behaviour."""
@@ -72,7 +78,11 @@ class Window:
             self.probe.record(n)
 
     def sums(self, dev: torch.device, grad_scaler: Any) -> WindowSums:
-        """Σ loss_sum, Σ num_items (and the probe's sums) over the window and all ranks."""
+        """Σ loss_sum, Σ num_items (and the probe's sums) over the window and all ranks.
+
+        The first thing done at a window's close: the probe hands the gradients back to ``p.grad``."""
+        if self.probe is not None:
+            self.probe.restore()
         loss = torch.zeros((), dtype=torch.float64, device=dev)
         if self.loss is not None:
             loss = loss + self.loss.to(dev)
@@ -220,6 +230,7 @@ class WindowEngine:
         opening = self._window.micro == 0
         if opening:
             self._window.open(self._grads)
+        self._window.before_backward(synced)
         try:
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(loss_sum).backward()  # fp16: scaled, unscaled once per window
@@ -233,22 +244,31 @@ class WindowEngine:
             raise
         self._window.add(loss_sum, n, synced)
 
-    def _update_noise(self, totals: WindowTotals) -> float | None:
-        """measure_noise: feed the window to the estimator (the same numbers on every rank)."""
+    def _update_noise(self, totals: WindowTotals) -> tuple[float | None, float | None, float | None]:
+        """measure_noise: feed the window to the estimator (the same numbers on every rank); returns
+        the noise scale and its 90% interval for the StepResult."""
         if self._noise is None or not totals.noise_sums:  # a step_cached window has no probe
-            return None
+            return None, None, None
         # The normalised window gradient is S / B, so |S|² = (norm · B)².
         small = SmallBatchSums(*totals.noise_sums)
-        return self._noise.update(small, (totals.norm * totals.items) ** 2, totals.items)
+        self._noise.update(small, (totals.norm * totals.items) ** 2, totals.items)
+        return self._noise_now()
 
-    def _count_skip(self, reason: str) -> float | None:
-        """Drop a skipped window and count it; returns the noise scale for its StepResult."""
+    def _noise_now(self) -> tuple[float | None, float | None, float | None]:
+        """measure_noise: the noise scale and its 90% interval for a StepResult (None where unknown)."""
+        if self._noise is None:
+            return None, None, None
+        bounds = self._noise.interval()
+        return (self._noise.noise_scale, *(bounds if bounds is not None else (None, None)))
+
+    def _count_skip(self, reason: str) -> tuple[float | None, float | None, float | None]:
+        """Drop a skipped window and count it; returns the noise scale (and interval) for its StepResult."""
         self._discard_window()
         self.skipped_steps += 1
         self.consecutive_skipped += 1
         self._skip_reasons[reason] = self._skip_reasons.get(reason, 0) + 1
         check_skip_limit(self.consecutive_skipped, self.max_skipped_windows, self._skip_reasons)
-        return self._noise.noise_scale if self._noise is not None else None
+        return self._noise_now()
 
     def _close_window(self, num_items: int | float) -> None:
         self.micro_steps += self._window.micro

@@ -62,6 +62,11 @@ class StepResult:
     noise_scale: float | None = None
     """EMA estimate of the gradient noise scale B_simple, in items (``measure_noise=True``);
     None until two windows were measured."""
+    noise_scale_low: float | None = None
+    """Lower end of a 90% interval for the noise scale (items), from the window-to-window spread
+    (``NoiseScale.interval``); None until about three windows were measured."""
+    noise_scale_high: float | None = None
+    """Upper end of that interval; inf while the measured |G|² is not clearly above 0."""
 
 
 class Accumulator(WindowEngine):
@@ -88,9 +93,9 @@ class Accumulator(WindowEngine):
             windows (non-finite gradient, fp16 overflow, or no items); None: never.
         measure_noise: estimate the gradient noise scale (``StepResult.noise_scale``,
             see :mod:`gradaccum.noise`) from each micro-batch's own gradient norm and
-            the window's gradient. Changes no weight; costs one norm per parameter per
-            micro-batch, taken in a gradient hook (no copy, no host sync). Not with FSDP2 (its gradients are
-            held unsharded inside FSDP2 until the window's last micro-batch). Pass a
+            the window's gradient. Changes no weight; costs one fused norm per micro-batch after its backward
+            (no copy, no host sync; ``p.grad`` is None between micro-batches). Not with FSDP2 (its gradients
+            are held unsharded inside FSDP2 until the window's last micro-batch). Pass a
             ``gradaccum.noise.NoiseScale`` to choose its EMA decay.
 
     The parameters a window covers are re-read from the optimizer (and the model) each
@@ -333,7 +338,7 @@ class Accumulator(WindowEngine):
             _step_scheduler(self.scheduler, loss)
             self.optimizer.zero_grad(set_to_none=True)
             self._close_window(num_items)
-            return StepResult(loss, num_items, totals.norm, False, lr, self.step_count, noise)
+            return StepResult(loss, num_items, totals.norm, False, lr, self.step_count, *noise)
         except BaseException:
             if self._window.micro:
                 if stepped:  # the weights moved: the step counts, its gradients go
@@ -349,7 +354,7 @@ class Accumulator(WindowEngine):
 
     def _skip(self, loss: float, num_items: int | float, norm: float, lr: float, reason: str) -> StepResult:
         noise = self._count_skip(reason)
-        return StepResult(loss, num_items, norm, True, lr, self.step_count, noise)
+        return StepResult(loss, num_items, norm, True, lr, self.step_count, *noise)
 
     # ----------------------------------------------------------------- guards
     def _window_open(self) -> bool:

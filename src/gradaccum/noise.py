@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from gradaccum._interval import LEVEL, WindowMoments
 
 # About 20 windows of memory (1/(1 − 0.95)): a single window's |G|² estimate is very
 # noisy, so the EMA has to pool tens of windows, while the noise scale drifts over
@@ -141,6 +141,7 @@ class NoiseScale:
         self._weight = 0.0
         self.windows = 0
         """Windows measured so far (skipped ones not counted)."""
+        self._moments = WindowMoments(self.ema)  # the error bar's window-to-window spread
 
     def update(self, small: SmallBatchSums, window_sq_norm: float, window_items: float) -> float | None:
         """Add one window; returns the current :attr:`noise_scale`."""
@@ -150,6 +151,7 @@ class NoiseScale:
             self._trace_sum = self.ema * self._trace_sum + trace
             self._grad_sq_sum = self.ema * self._grad_sq_sum + grad_sq
             self._weight = self.ema * self._weight + 1.0
+            self._moments.add(trace, grad_sq)
             self.windows += 1
         return self.noise_scale
 
@@ -194,8 +196,21 @@ class NoiseScale:
         # tr Σ >= 0; a negative EMA is estimation noise of a nearly noise-free gradient.
         return max(self._trace_sum / self._grad_sq_sum, 0.0)
 
+    def interval(self, level: float = LEVEL) -> tuple[float, float] | None:
+        """A ``level`` (default 90%) confidence interval (low, high) for the noise scale, in items.
+
+        From the window-to-window spread of the (tr Σ, |G|²) estimates over the EMA's horizon
+        (Fieller's interval for a ratio of means, :mod:`gradaccum._interval`). ``high`` is inf
+        while EMA(|G|²) is not clearly above 0. None before two measured windows, or while the
+        windows are still too few to read their spread (about three).
+        """
+        if self.windows < 2:
+            return None
+        return self._moments.interval(level)
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "moments": self._moments.state_dict(),
             "ema": self.ema,
             "trace_sum": self._trace_sum,
             "grad_sq_sum": self._grad_sq_sum,
@@ -214,66 +229,7 @@ class NoiseScale:
         self._grad_sq_sum = float(state["grad_sq_sum"])
         self._weight = float(state["weight"])
         self.windows = int(state["windows"])
-
-
-class NormProbe:
-    """measure_noise: one window's per-micro-batch gradient norms on this rank (the Accumulator's feed).
-
-    Costs one norm per parameter per micro-batch, taken in a gradient hook (no copy, no
-    host sync); :meth:`sums` gives this rank's share of :class:`SmallBatchSums` on the device.
-    """
-
-    def __init__(self) -> None:
-        # Per micro-batch of this rank, the squared norm of its own SUM gradient (device
-        # scalar) and its item count (a number or a device tensor).
-        self._sq: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []  # filled by the gradient hooks during backward
-        self._items: list[int | float | torch.Tensor] = []
-
-    def attach(self, params: Sequence[torch.Tensor]) -> list[Any]:
-        """Hook every parameter the window covers; returns the hook handles."""
-        return [p.register_hook(self.hook) for p in params]
-
-    def hook(self, grad: torch.Tensor) -> None:
-        """The incoming gradient of one parameter, before it is accumulated.
-
-        Autograd hands a leaf's hook the total gradient of this backward (shared weights
-        summed), so each micro-batch's norm is exact and no gradient is copied.
-        """
-        # fp32 at least (a cast to fp64 would copy the gradient; fp32's reduction is accurate
-        # enough for a statistic that is averaged over windows anyway).
-        low = grad.dtype in (torch.float16, torch.bfloat16)
-        self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
-
-    def forget_pending(self) -> None:
-        """A backward that raised: drop the norms its hooks took before it failed."""
-        self._norms = []
-
-    def record(self, num_items: int | float | torch.Tensor) -> None:
-        """After a micro-batch's backward: its own squared gradient norm, from the hooks' norms."""
-        norms, self._norms = self._norms, []
-        if norms:
-            if len({(x.device, x.dtype) for x in norms}) > 1:  # parameters on several devices or dtypes
-                norms = [x.to(norms[0].device, torch.float64) for x in norms]
-            self._sq.append(torch.stack(norms).to(torch.float64).square().sum())
-            self._items.append(num_items)
-
-    def sums(self, dev: torch.device, grad_scaler: Any = None) -> list[torch.Tensor]:
-        """This rank's (Σ_j |S_j|²/b_j, n, Σ_j b_j) over its micro-batches,
-        on the device (summed over ranks with the window's loss and items)."""
-        if not self._sq:
-            return [torch.zeros((), dtype=torch.float64, device=dev)] * 3
-        sq = torch.stack([x.to(dev) for x in self._sq])
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            sq = sq / float(grad_scaler.get_scale()) ** 2  # fp16: the hooks saw scaled gradients
-        items = torch.stack([
-            n.to(dev, torch.float64) if isinstance(n, torch.Tensor)
-            else torch.tensor(float(n), dtype=torch.float64, device=dev)
-            for n in self._items
-        ])
-        seen = items > 0  # a micro-batch with no items has no mean gradient
-        weighted = torch.where(seen, sq / items.clamp_min(1e-300), 0.0).sum()
-        return [weighted, seen.sum().to(torch.float64), torch.where(seen, items, 0.0).sum()]
+        self._moments.load_state_dict(state.get("moments"))  # absent before the interval: afresh
 
 
 def critical_batch(noise_scale: float | None, items_per_example: float) -> float | None:
