@@ -33,7 +33,7 @@ from gradaccum.runlog import OutputWriteError, plot_losses
 from gradaccum.schedules import recompute_current_lr
 from gradaccum.settings import TrainerSettings
 from gradaccum.stopping import Stopped, StopSignals
-from gradaccum.stream import BatchShape, rank_indices, stream_indices
+from gradaccum.stream import BatchShape, WindowShape, rank_indices, stream_indices
 from gradaccum.windows import WindowRunner
 
 __all__ = ["CHECKPOINT", "METRICS", "PLOT", "SUMMARY", "OutDirError", "OutputWriteError", "Stopped",
@@ -282,8 +282,13 @@ class Trainer(TrainerSettings):
         # (not under FSDP2: a forward on rank 0 alone would wait for the others' all-gathers)
         if self.final_metrics is not None and self.rank == 0 and not sync.is_fsdp2(self._unwrapped()):
             extra = self.final_metrics(self._unwrapped())
+        shape, tokens = self.shape, self.micro_batch_tokens
+        if tokens is not None and rows:  # a token budget: the last window as it ran, and the budget
+            shape = WindowShape(shape.effective_batch, rows[-1]["micro_batch"], rows[-1]["accum_steps"],
+                                shape.world_size)
+            extra = {**extra, "micro_batch_tokens": tokens}
         summary = {
-            **runlog.summarize(rows, self.steps, self.shape, self.run.position, self.adaptive is not None,
+            **runlog.summarize(rows, self.steps, shape, self.run.position, self.adaptive is not None,
                               self.run.grown.get("--steps")),
             **extra,
             "outputs": [METRICS, CHECKPOINT, SUMMARY, PLOT] + ([MODEL_DIR] if self.save_model else []),
