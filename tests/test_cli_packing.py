@@ -53,6 +53,9 @@ def test_packed_runs_follow_the_padded_run(files: dict[str, Path], tmp_path: Pat
         assert [r["num_items"] for r in rows] == [r["num_items"] for r in _rows(tmp_path / "pad")]
     steps = {r["accum_steps"] for r in _rows(tmp_path / "tokens")}
     assert min(steps) > 1  # a 40-token budget splits every window of 16 examples
+    summary = json.loads((tmp_path / "tokens" / "summary.json").read_text())
+    assert summary["micro_batch_tokens"] == 40
+    assert summary["accum_steps"] == _rows(tmp_path / "tokens")[-1]["accum_steps"]
 
 
 def test_sequence_normaliser_is_another_objective(files: dict[str, Path], tmp_path: Path) -> None:
