@@ -24,7 +24,7 @@ def test_grows_in_powers_of_two_one_at_a_time_never_shrinks_and_stops_at_the_cap
     assert a.effective_batch == a.micro_batch * a.accum_steps * a.world_size
 
 
-@pytest.mark.parametrize(("rule", "want"), [("sqrt", 2.0), ("linear", 4.0)])
+@pytest.mark.parametrize(("rule", "want"), [("sqrt", 2.0), ("linear", 4.0), ("none", 1.0)])
 def test_learning_rate_factor(rule: str, want: float) -> None:
     a = AdaptiveBatch(micro_batch=8, lr_rule=rule, min_windows=0)
     assert a.lr_factor() == 1.0

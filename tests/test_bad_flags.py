@@ -35,6 +35,8 @@ CASES = [
          ("--lora-alpha", "at most")),
     Case("max-effective-batch-without-auto", [*TINY, "--max-effective-batch", "64", "--out", NEW],
          ("--max-effective-batch", "--effective-batch auto")),
+    Case("lr-batch-rule-without-auto", [*TINY, "--lr-batch-rule", "linear", "--out", NEW],
+         ("--lr-batch-rule", "--effective-batch auto")),
     Case("eval-every-without-eval-data", [*TINY, "--data", DATA, "--eval-every", "2", "--out", NEW],
          ("--eval-every", "--eval-data")),
     Case("out-empty-overwrite", [*TINY, "--out", "", "--overwrite"], ("--out", "empty")),
@@ -101,18 +103,24 @@ def test_closing_lines_survive_a_critical_batch_of_zero(critical: float) -> None
     assert lines == ["the measured gradient noise is too small to estimate a critical batch"]
 
 
-def test_the_critical_batch_speaks_only_once_settled() -> None:
-    from gradaccum.runlog import critical_batch_settled
-
-    assert critical_batch_settled([40.0] * 19) == (False, 1.0)  # too few measured steps
-    assert critical_batch_settled([5.0] * 15 + [10, 40, 12, 30, 15]) == (False, 8.0)  # still moving
-    assert critical_batch_settled([5.0] * 10 + [30, 40, 35, 30, 32, 31, 33, 36, 30, 38]) == (True, 40 / 30)
-    settled = {"critical_batch": 40.0, "effective_batch": 8, "critical_batch_settled": True}
-    assert "well below it" in closing_lines(settled)[0]
-    early = {**settled, "critical_batch_settled": False, "critical_batch_spread": 8.0,
-             "critical_batch_measured_steps": 4}
-    assert closing_lines(early) == ["the critical batch has not settled yet (4 measured steps; the last "
-                                    "estimates span 8.0x): train longer before reading it"]
+def test_the_critical_batch_speaks_only_when_its_interval_says_so() -> None:
+    base = {"critical_batch": 40.0, "effective_batch": 8}
+    below = {**base, "critical_batch_low": 25.0, "critical_batch_high": 70.0}
+    assert "well below it" in closing_lines(below)[0] and "90% interval 25-70" in closing_lines(below)[0]
+    above = {**base, "effective_batch": 200, "critical_batch_low": 25.0, "critical_batch_high": 70.0}
+    assert "well above it" in closing_lines(above)[0]
+    close = {**base, "effective_batch": 40, "critical_batch_low": 25.0, "critical_batch_high": 70.0}
+    assert "close to it" in closing_lines(close)[0]
+    # The point is far below the batch, but the interval reaches up to it: no verdict.
+    wide = {**base, "effective_batch": 200, "critical_batch_low": 5.0, "critical_batch_high": 150.0}
+    assert closing_lines(wide) == ["the critical batch has not settled yet: its 90% interval (5 to 150 "
+                                   "examples) is too wide to place your effective batch 200 above or below "
+                                   "it; train longer before reading it"]
+    unbounded = {**base, "effective_batch": 200, "critical_batch_low": 5.0, "critical_batch_high": None}
+    assert "5 to unbounded" in closing_lines(unbounded)[0]
+    # A lower end far above the batch is enough to say "below", even with no upper end yet.
+    assert "well below it" in closing_lines({**unbounded, "effective_batch": 2})[0]
+    assert "not yet measured" in closing_lines(base)[0]  # no interval yet (too few windows)
 
 
 def test_the_demo_reports_answer_characters_right_with_what_it_means() -> None:

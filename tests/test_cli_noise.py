@@ -14,7 +14,7 @@ import torch
 import gradaccum.demo
 from gradaccum.cli import main
 
-AUTO = ["--effective-batch", "auto", "--micro-batch", "2", "--steps", "30", "--lr", "5e-3",
+AUTO = ["--effective-batch", "auto", "--micro-batch", "1", "--steps", "60", "--lr", "5e-3",
         "--eval-every", "0", "--checkpoint-every", "0"]
 VOLATILE = ("elapsed_s", "tokens_per_s", "examples_per_s")
 
@@ -29,6 +29,7 @@ def test_noise_scale_and_critical_batch_are_logged(tmp_path: Path, capsys: Any) 
                  "--out", str(out)]) == 0
     rows = _rows(out)
     assert rows[0]["noise_scale"] is None and rows[0]["critical_batch"] is None  # two measured windows first
+    assert rows[1]["critical_batch_low"] is None  # its interval: about three windows first
     assert all(list(r) == list(rows[0]) for r in rows)  # one schema: every key in every row
     for r in rows[2:]:
         if r["noise_scale"] is not None:  # None while the measured |G|^2 is not yet positive
@@ -37,6 +38,9 @@ def test_noise_scale_and_critical_batch_are_logged(tmp_path: Path, capsys: Any) 
     summary = json.loads((out / "summary.json").read_text())
     assert "critical_batch" in summary
     text = capsys.readouterr().out
+    for r in rows:
+        if r["critical_batch_low"] is not None:
+            assert r["critical_batch_low"] <= r["critical_batch"] <= (r["critical_batch_high"] or float("inf"))
     if summary["critical_batch"] is not None:  # 6 steps: too few to read it (issue 20)
         assert "the critical batch has not settled yet" in text and "about" not in text
 
@@ -61,7 +65,7 @@ def auto_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_auto_batch_grows_in_powers_of_two_and_never_shrinks(auto_run: Path) -> None:
     rows = _rows(auto_run)
     batches = [r["effective_batch"] for r in rows]
-    assert batches[0] == 4 and batches == sorted(batches) and max(batches) > 4  # it grew
+    assert batches[0] == 2 and batches == sorted(batches) and max(batches) > 2  # it grew
     for r in rows:
         assert r["effective_batch"] == r["micro_batch"] * r["accum_steps"] * r["world_size"]
         assert r["effective_batch"] & (r["effective_batch"] - 1) == 0
@@ -75,7 +79,7 @@ def test_auto_batch_grows_in_powers_of_two_and_never_shrinks(auto_run: Path) -> 
 def test_auto_batch_resumes_bitwise_across_a_batch_change(auto_run: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     rows = _rows(auto_run)
-    grown = next(i for i, r in enumerate(rows) if r["effective_batch"] > 4)  # first step at a larger batch
+    grown = next(i for i, r in enumerate(rows) if r["effective_batch"] > 2)  # first step at a larger batch
     calls_before = sum(r["accum_steps"] for r in rows[: grown + 1])  # micro-batches through that step
     real, calls = gradaccum.demo.loss_fn, {"n": 0}
 
@@ -107,3 +111,11 @@ def test_auto_batch_bad_flags(tmp_path: Path, capsys: Any) -> None:
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_lr_batch_rule_is_part_of_the_run_only_when_given(auto_run: Path, tmp_path: Path) -> None:
+    assert "--lr-batch-rule" not in json.loads((auto_run / "config.json").read_text()).get("run", {})
+    out = tmp_path / "none"
+    assert main(["train", *AUTO, "--steps", "2", "--lr-batch-rule", "none", "--out", str(out)]) == 0
+    text = (out / "config.json").read_text()
+    assert '"--lr-batch-rule": "none"' in text

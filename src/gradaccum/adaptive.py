@@ -9,16 +9,20 @@ the loss falls, so a fixed batch is too large early or too small late.
 The rule, once per optimizer step:
 
 - start with two micro-batches per window (the smallest window the estimator can read);
-- when the measured critical batch (examples) is at least twice the current effective
-  batch, double ``accum_steps``: powers of two, one doubling at a time, never shrinking,
-  never above ``max_effective_batch``. The micro-batch (and so memory) never changes;
+- when the LOWER end of the measured critical batch's 90% interval (examples; see
+  ``NoiseScale.interval``) is at least twice the current effective batch, double
+  ``accum_steps``: powers of two, one doubling at a time, never shrinking, never above
+  ``max_effective_batch``. The micro-batch (and so memory) never changes. The point
+  estimate alone is not enough: a single estimate is a noisy ratio, and a batch grown on
+  noise cannot shrink back;
 - wait for ``min_windows`` measured windows before the first decision and again after
   every change: single estimates are noisy (measured on the demo: one window's estimate
   jumped to 60x the settled value), and each doubling must be confirmed at the new batch;
 - scale the learning rate with the batch: by the square root of the batch ratio for
   Adam-family optimizers (Malladi et al. 2022, "On the SDEs and Scaling Rules for
   Adaptive Gradient Algorithms"; Granziol et al. 2022), linearly for SGD (Goyal et al.
-  2017, "Accurate, Large Minibatch SGD"). ``--lr`` is the rate at the starting batch.
+  2017, "Accurate, Large Minibatch SGD"); ``--lr-batch-rule none`` keeps it. ``--lr`` is the
+  rate at the starting batch.
 
 AdaptDL / Pollux (Qiao et al. 2021) adapted the batch online from the same statistic;
 this is the simpler, monotone version of that idea.
@@ -33,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-LR_RULES = ("sqrt", "linear")
+LR_RULES = ("sqrt", "linear", "none")
 DEFAULT_MAX_EFFECTIVE_BATCH = 1024
 """The largest effective batch ``--effective-batch auto`` grows to unless told otherwise."""
 
@@ -59,15 +63,16 @@ class AdaptiveBatch:
     """Micro-batches per window at the start (two: the estimator needs at least two)."""
     min_windows: int = 10
     """Measured windows before the batch may grow."""
-    lr_rule: str = "sqrt"
-    """``sqrt`` (Adam-family) or ``linear`` (SGD): how the learning rate follows the batch."""
+    lr_rule: str | None = None
+    """``sqrt`` (Adam-family), ``linear`` (SGD) or ``none``: how the learning rate follows the batch;
+    None: chosen from the optimizer (:func:`lr_rule_for`) when training starts."""
     accum_steps: int = field(init=False)
     """Current micro-batches per window."""
     last_change: int = field(init=False, default=0)
     """Measured windows at the last change (the next decision waits ``min_windows`` more)."""
 
     def __post_init__(self) -> None:
-        if self.lr_rule not in LR_RULES:
+        if self.lr_rule is not None and self.lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule must be one of {LR_RULES}, got {self.lr_rule!r}")
         for name in ("micro_batch", "world_size", "start_accum", "max_effective_batch"):
             v = getattr(self, name)
@@ -89,14 +94,15 @@ class AdaptiveBatch:
     def start_batch(self) -> int:
         return self.micro_batch * self.start_accum * self.world_size
 
-    def update(self, critical_batch: float | None, measured_windows: int) -> bool:
-        """After a step: grow ``accum_steps`` if the critical batch says so; True if it changed."""
-        if critical_batch is None or not math.isfinite(critical_batch):
+    def update(self, critical_batch_low: float | None, measured_windows: int) -> bool:
+        """After a step: grow ``accum_steps`` if the critical batch's interval says so (its lower end,
+        in examples, is at least twice the batch in use); True if it changed."""
+        if critical_batch_low is None or math.isnan(critical_batch_low):
             return False
         if measured_windows - self.last_change < self.min_windows:
             return False
         doubled = 2 * self.effective_batch
-        if critical_batch >= doubled and doubled <= self.max_effective_batch:
+        if critical_batch_low >= doubled and doubled <= self.max_effective_batch:
             self.accum_steps *= 2
             self.last_change = measured_windows
             return True
@@ -105,7 +111,9 @@ class AdaptiveBatch:
     def lr_factor(self) -> float:
         """Learning rate multiplier against the starting batch."""
         ratio = self.effective_batch / self.start_batch
-        return math.sqrt(ratio) if self.lr_rule == "sqrt" else ratio
+        if self.lr_rule == "none":
+            return 1.0
+        return math.sqrt(ratio) if self.lr_rule in ("sqrt", None) else ratio
 
     def state_dict(self) -> dict[str, Any]:
         return {"accum_steps": self.accum_steps, "start_accum": self.start_accum,

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH
+from gradaccum.adaptive import DEFAULT_MAX_EFFECTIVE_BATCH, LR_RULES
 from gradaccum.commands import BadInput, RunFailed, precheck
 from gradaccum.commands.argtypes import (
     LOSS_PER,
@@ -92,6 +92,10 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--max-effective-batch", type=batch_int, default=None, metavar="N",
                    help="with --effective-batch auto: the largest effective batch it may grow to "
                         f"(default: {DEFAULT_MAX_EFFECTIVE_BATCH})")
+    t.add_argument("--lr-batch-rule", choices=LR_RULES, default=None,
+                   help="with --effective-batch auto: how the learning rate follows the growing batch, "
+                        "by the square root of its growth, linearly, or not at all (default: sqrt for "
+                        "Adam-family optimizers, linear for SGD)")
     t.add_argument("--eval-data", default=None, metavar="FILE",
                    help="held-out data in --data's formats: its exact item-mean loss is logged as eval_loss "
                         "(the demo evaluates on held-out generated puzzles)")

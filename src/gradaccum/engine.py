@@ -24,7 +24,7 @@ def build_engine(settings: TrainerSettings, model: nn.Module
         raise ValueError("the model has no trainable parameters")
     opt = (settings.optimizer_factory or _adamw(settings.lr, settings.weight_decay))(params)
     sched = settings.scheduler_factory(opt) if settings.scheduler_factory else None
-    if settings.adaptive is not None:
+    if settings.adaptive is not None and settings.adaptive.lr_rule is None:
         settings.adaptive.lr_rule = lr_rule_for(opt)  # sqrt for Adam-family, linear for SGD
     scaler = None
     if settings.autocast_dtype == torch.float16:

@@ -19,6 +19,7 @@ class Series:
     axis: str = "left"  # "left" or "right" (a twin y axis)
     log: bool = False
     style: str = "-"
+    band: tuple[str, str] | None = None  # row keys of a shaded interval around the line (low, high)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ PANELS: tuple[Panel, ...] = (
                                                 log=True)),
           right_ylabel="gradient norm", always=True),
     Panel("critical batch (gradient noise scale)", "examples",
-          (Series("critical_batch", "measured critical batch", log=True),
+          (Series("critical_batch", "measured critical batch (band: 90% interval)", log=True,
+                  band=("critical_batch_low", "critical_batch_high")),
            Series("effective_batch", "effective batch in use", style="--")), needs="critical_batch"),
 )
 """loss.png's panels, left to right. A series is drawn when some row has its key, so
@@ -54,6 +56,15 @@ def _points(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
             xs.append(r["step"])
             ys.append(float(v))
     return xs, ys
+
+
+def _band(ax: Any, rows: Sequence[dict[str, Any]], keys: tuple[str, str], color: str) -> None:
+    """Shade low..high at the steps that have both ends (an unbounded high has none yet)."""
+    lows, highs = (dict(zip(*_points(rows, key), strict=True)) for key in keys)
+    steps = [x for x in lows if x in highs]
+    if steps:
+        ax.fill_between(steps, [lows[x] for x in steps], [highs[x] for x in steps], color=color, alpha=0.2,
+                        lw=0)
 
 
 def plot_losses(rows: Sequence[dict[str, Any]], path: Path, panels: Sequence[Panel] = PANELS) -> None:
@@ -84,6 +95,8 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: Path, panels: Sequence[Pan
             else:
                 target = ax
             (line,) = target.plot(xs, ys, s.style, lw=1.2, ms=3, color=f"C{i}", label=s.label)
+            if s.band is not None:
+                _band(target, rows, s.band, f"C{i}")
             if s.log and min(ys) > 0:
                 target.set_yscale("log")
             handles.append(line)

@@ -32,11 +32,14 @@ from gradaccum.plots import plot_losses as plot_losses
 ROW_KEYS = (
     "step", "loss", "lr", "grad_norm", "num_items", "skipped", "micro_batch", "accum_steps", "world_size",
     "effective_batch", "examples_seen", "elapsed_s", "{items}_per_s", "examples_per_s",
-    "noise_scale", "critical_batch",
+    "noise_scale", "critical_batch", "noise_scale_low", "noise_scale_high", "critical_batch_low",
+    "critical_batch_high",
     "eval_loss", "eval_recall_at_1",
 )
 """The one schema of a metrics row, in order: every row has every key, null where there is no
-value (yet). ``{items}`` is what ``num_items`` counts (e.g. ``tokens_per_s``)."""
+value (yet). ``{items}`` is what ``num_items`` counts (e.g. ``tokens_per_s``). The ``_low`` /
+``_high`` keys are the 90% interval (``StepResult.noise_scale_low/high``); a high of null with a
+low set means no upper bound yet."""
 
 
 def row_keys(items_name: str = "items") -> tuple[str, ...]:
@@ -246,7 +249,10 @@ class RowMaker:
         self.examples_applied = sum(float(r.get("effective_batch", 0)) for r in applied)
 
     def critical_batch(self, noise_scale: float | None) -> float | None:
+        """Items to examples; None for none, and for an unbounded (inf) end of an interval."""
         if noise_scale is None or self.examples_applied <= 0 or self.items_applied <= 0:
+            return None
+        if noise_scale == float("inf"):
             return None
         return noise_scale * self.examples_applied / self.items_applied
 
@@ -269,21 +275,11 @@ class RowMaker:
             "examples_per_s": round(self.examples_run / per_s, 2),
             "noise_scale": result.noise_scale, "critical_batch": self.critical_batch(result.noise_scale),
         }
+        for end in ("low", "high"):  # the 90% interval, where the StepResult has one
+            bound = getattr(result, f"noise_scale_{end}", None)
+            values[f"noise_scale_{end}"] = None if bound == float("inf") else bound
+            values[f"critical_batch_{end}"] = self.critical_batch(bound)
         return {key: values.get(key) for key in self.keys()}
-
-
-SETTLED_AFTER = 20
-"""Measured steps before the critical batch may be read: the noise EMA pools ~20 windows."""
-SETTLED_SPREAD = 2.0
-"""... and its last 10 estimates must agree within this factor."""
-
-
-def critical_batch_settled(critical: Sequence[float]) -> tuple[bool, float]:
-    """Whether the run's critical-batch estimates (one per measured step) have settled, and how
-    far apart the last 10 are (max / min; inf when one is not positive)."""
-    recent = list(critical[-10:])
-    spread = max(recent) / min(recent) if recent and min(recent) > 0 else float("inf")
-    return len(critical) >= SETTLED_AFTER and spread <= SETTLED_SPREAD, spread
 
 
 def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_seen: int,
@@ -291,8 +287,8 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
     """summary.json's numbers from the run's rows (the caller adds its own keys)."""
     losses = [r["loss"] for r in rows if not r.get("skipped")]
     evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-    critical = [r["critical_batch"] for r in rows if r.get("critical_batch") is not None]
-    settled, spread = critical_batch_settled(critical)
+    measured = [r for r in rows if r.get("critical_batch") is not None]
+    critical = [r["critical_batch"] for r in measured]
     return {
         "steps": steps,
         "effective_batch": shape.effective_batch,
@@ -307,8 +303,9 @@ def summarize(rows: Sequence[dict[str, Any]], steps: int, shape: Any, examples_s
         "elapsed_s": rows[-1]["elapsed_s"] if rows else None,
         "final_eval_loss": evals[-1] if evals else None,
         "critical_batch": critical[-1] if critical else None,
-        "critical_batch_settled": settled,
-        "critical_batch_spread": spread if critical else None,
+        # its 90% interval (high None: unbounded, or unknown while low is None too)
+        "critical_batch_low": measured[-1].get("critical_batch_low") if measured else None,
+        "critical_batch_high": measured[-1].get("critical_batch_high") if measured else None,
         "critical_batch_measured_steps": len(critical),
         "noise_scale": next((r["noise_scale"] for r in reversed(rows) if r.get("noise_scale")), None),
         "effective_batch_auto": auto_batch,

@@ -159,7 +159,7 @@ class Trainer(TrainerSettings):
                     if self._eval_due(step + 1):
                         row.update(self.evaluate_row())
                     if self.adaptive is not None:
-                        self._adapt(acc, opt, sched, row.get("critical_batch"))
+                        self._adapt(acc, opt, sched, row.get("critical_batch_low"))
                     self._record(row, log, out)
                     done = self.run.step = step + 1
                     stop = signals.agreed()
@@ -220,18 +220,19 @@ class Trainer(TrainerSettings):
         with self.windows.autocast(self.train_model):
             return self.eval_fn(self._unwrapped(), self.eval_dataset)
 
-    def _adapt(self, acc: Accumulator, opt: torch.optim.Optimizer, sched: Any, critical: float | None
+    def _adapt(self, acc: Accumulator, opt: torch.optim.Optimizer, sched: Any, critical_low: float | None
                ) -> None:
-        """--effective-batch auto: grow accum_steps (and the lr with it) for the next step."""
+        """--effective-batch auto: grow accum_steps (and the lr with it) for the next step, when the
+        critical batch's 90% interval lies above twice the batch."""
         assert self.adaptive is not None
         old = self.adaptive.lr_factor()
-        if not self.adaptive.update(critical, acc.noise.windows if acc.noise is not None else 0):
+        if not self.adaptive.update(critical_low, acc.noise.windows if acc.noise is not None else 0):
             return
         self._set_shape(BatchShape(self.adaptive.effective_batch, self.micro_batch, self.world_size), acc)
         ratio = self.adaptive.lr_factor() / old
         adaptive_batch.scale_lr(opt, sched, ratio)
         self.console.say(f"effective batch auto: {self.effective_batch // 2} -> {self.effective_batch} "
-                         f"(accum steps {self.accum_steps}; measured critical batch {critical:.0f}; "
+                         f"(accum steps {self.accum_steps}; critical batch at least {critical_low:.0f}, 90%; "
                          f"lr x{ratio:.3g})")
 
     # ------------------------------------------------------------------ checkpoints

@@ -107,7 +107,8 @@ def _adaptive_batch(opts: argparse.Namespace) -> AdaptiveBatch | None:
     micro = opts.micro_batch if isinstance(opts.micro_batch, int) else DEFAULT_AUTO_MICRO
     try:
         adaptive = AdaptiveBatch(micro_batch=micro, world_size=sync.world_size(),
-                                 max_effective_batch=opts.max_effective_batch or DEFAULT_MAX_EFFECTIVE_BATCH)
+                                 max_effective_batch=opts.max_effective_batch or DEFAULT_MAX_EFFECTIVE_BATCH,
+                                 lr_rule=opts.lr_batch_rule)
     except ValueError as e:
         raise bad_input(e) from None
     opts.effective_batch = adaptive.effective_batch
@@ -119,6 +120,8 @@ def _check_flag_pairs(opts: argparse.Namespace) -> None:
     """Flags that only mean something with another flag: refused alone, not silently ignored."""
     if opts.max_effective_batch is not None and opts.effective_batch != "auto":
         raise BadInput("--max-effective-batch: only with --effective-batch auto (it caps the growing batch)")
+    if opts.lr_batch_rule is not None and opts.effective_batch != "auto":
+        raise BadInput("--lr-batch-rule: only with --effective-batch auto (the lr follows the growing batch)")
     has_eval = opts.eval_data is not None or (opts.model == "demo" and opts.data is None)
     if opts.eval_every is not None and not has_eval:
         raise BadInput("--eval-every: only with --eval-data FILE (there is nothing to evaluate on)")
@@ -225,6 +228,8 @@ def run_config(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload, pre
             config["--lora-target-modules"] = ",".join(spec.lora_targets)
     if adaptive is not None:
         config["--max-effective-batch"] = adaptive.max_effective_batch
+        if opts.lr_batch_rule is not None:  # only when given: older checkpoints stay resumable
+            config["--lr-batch-rule"] = opts.lr_batch_rule
     if spec.loss_per != "token":  # another objective; --packing and the budget change only rounding
         config["--loss-per"] = spec.loss_per
     # Only where they differ from the defaults: checkpoints from before these flags stay resumable.
@@ -311,25 +316,32 @@ def closing_lines(summary: dict[str, Any]) -> list[str]:
         return lines
     if not critical > 0:
         lines.append("the measured gradient noise is too small to estimate a critical batch")
-    elif not summary.get("critical_batch_settled", True):
-        spread = summary.get("critical_batch_spread") or float("inf")
-        steps = summary.get("critical_batch_measured_steps")
-        lines.append(f"the critical batch has not settled yet ({steps} measured steps; the last estimates "
-                     f"span {spread:.1f}x): train longer before reading it")
     else:
-        lines.append(f"the measured critical batch is about {critical:.0f} examples; your effective batch "
-                     f"{batch} is {_verdict(batch / critical)}")
+        lines.append(_critical_line(critical, summary.get("critical_batch_low"),
+                                    summary.get("critical_batch_high"), batch))
     return lines
 
 
-def _verdict(ratio: float) -> str:
-    if ratio > 2:
-        return ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss with "
-                "fewer examples, at the price of more optimizer steps")
-    if ratio < 0.5:
-        return ("well below it: a larger batch (more accumulation steps) would need fewer optimizer steps "
-                "for the same examples; try --effective-batch auto")
-    return "close to it: a good trade between examples and optimizer steps"
+def _critical_line(critical: float, low: float | None, high: float | None, batch: int) -> str:
+    """The critical batch against the batch in use: "well above / below" only when the whole 90%
+    interval is (high None: unbounded)."""
+    top = math.inf if high is None else high
+    upper = "unbounded" if high is None else f"{high:.0f}"
+    if low is not None and batch > 2 * top:
+        verdict = ("well above it: a smaller batch (fewer accumulation steps) would reach the same loss with "
+                   "fewer examples, at the price of more optimizer steps")
+    elif low is not None and batch < 0.5 * low:
+        verdict = ("well below it: a larger batch (more accumulation steps) would need fewer optimizer steps "
+                   "for the same examples; try --effective-batch auto")
+    elif low is not None and 0.5 * batch <= low and top <= 2 * batch:
+        verdict = "close to it: a good trade between examples and optimizer steps"
+    else:
+        span = "not yet measured" if low is None else f"{low:.0f} to {upper}"
+        return (f"the critical batch has not settled yet: its 90% interval ({span} examples) is too wide to "
+                f"place your effective batch {batch} above or below it; train longer before reading it")
+    return (f"the measured critical batch is about {critical:.0f} examples (90% interval "
+            f"{low:.0f}-{upper}); your effective batch {batch} is "
+            f"{verdict}")
 
 
 def resume_command(opts: argparse.Namespace) -> str:
