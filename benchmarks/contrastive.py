@@ -73,7 +73,7 @@ def build_model_dir(path: Path, texts: list[str], seed: int = 0) -> Path:
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator(texts, vocab_size=1000, min_frequency=1, show_progress=False)
     wp.save_model(str(path))
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    tok = BertTokenizerFast(vocab=str(path / "vocab.txt"))  # (vocab_file= is ignored in transformers 5)
     tok.save_pretrained(path)
     torch.manual_seed(seed)
     BertModel(BertConfig(vocab_size=tok.vocab_size, **BERT)).save_pretrained(path)
