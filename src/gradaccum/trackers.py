@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradaccum.checkpoint import atomic_write_bytes
 from gradaccum.errors import one_line
 
 NAMES = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -308,6 +307,8 @@ class Trackers:
     def _write_ledger(self) -> None:
         if self.ledger is None:
             return
+        from gradaccum.checkpoint import atomic_write_bytes  # here: the command line imports this module
+
         live = {t.name: {"id": t.run_id, "through": self.through[t.name]} for t in self.live}
         text = json.dumps({**self.records, **live}).encode()
         atomic_write_bytes(self.ledger, lambda f: f.write(text))
