@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,65 @@ def rel_update_diff(a: nn.Module, b: nn.Module, start: nn.Module) -> float:
 
 
 
+NOISE_CONTENDERS = ("off", "off again (A/A control)", "measure_noise")
+
+
+def run_noise(rounds: int = 120, warmup: int = 5, k: int = 8, micro_batch: int = 8, n_layer: int = 3,
+              seq_len: int = 64, seed: int = 0) -> dict[str, Any]:
+    """measure_noise=True against False: thread CPU time per window, one torch thread.
+
+    CPU time of this thread, not wall time: on a shared machine other processes stretch the wall
+    clock of whichever contender they happen to overlap, not the work it does. Each round runs one
+    window of each copy in a rotating order; the overhead is the per-round ratio on/off − 1, and a
+    second identical "off" copy gives the A/A control (what the noise of the measurement alone is).
+    """
+    torch.set_num_threads(1)
+    work = common.gpt2_workload(n_layer=n_layer, max_len=seq_len)
+    examples = work.make_examples((warmup + rounds) * k * micro_batch, seed)
+    micro = work.micro_batches(examples, micro_batch)
+    windows = [micro[w * k : (w + 1) * k] for w in range(warmup + rounds)]
+    base = work.build_model(seed)
+    models = {name: common.clone(base) for name in NOISE_CONTENDERS}
+    accs = {name: ga.Accumulator(m, common.make_optimizer(m, work.lr), accum_steps=k, max_grad_norm=1.0,
+                                 measure_noise=name == "measure_noise") for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in NOISE_CONTENDERS}
+    results: dict[str, list[Any]] = {name: [] for name in NOISE_CONTENDERS}
+    for r in range(warmup + rounds):
+        shift = r % len(NOISE_CONTENDERS)
+        for name in NOISE_CONTENDERS[shift:] + NOISE_CONTENDERS[:shift]:
+            t = time.thread_time()
+            results[name].append(accs[name].step(windows[r], work.loss_sum))
+            if r >= warmup:
+                times[name].append(time.thread_time() - t)
+    off = times["off"]
+    over = {name: common.summary([b / a - 1 for a, b in zip(off, times[name], strict=True)])
+            for name in NOISE_CONTENDERS[1:]}
+    # Against the mean of both "off" copies: drift of one copy (its memory layout, say) cancels.
+    both = [(a + b) / 2 for a, b in zip(off, times[NOISE_CONTENDERS[1]], strict=True)]
+    on = times["measure_noise"]
+    over["measure_noise vs both off"] = common.summary([c / m - 1 for m, c in zip(both, on, strict=True)])
+    pairs = zip(models["off"].parameters(), models["measure_noise"].parameters(), strict=True)
+    same = all(torch.equal(p, q) for p, q in pairs)
+    return {"benchmark": "noise_overhead", "gradaccum_path": str(Path(ga.__file__).parent),
+            "setting": {"model": work.description, "rounds": rounds, "warmup_rounds": warmup, "k": k,
+                        "micro_batch": micro_batch, "timer": "time.thread_time, 1 torch thread"},
+            "machine": common.machine_info(), "window_cpu_ms": {n: common.summary([t * 1e3 for t in ts])
+                                                               for n, ts in times.items()},
+            "overhead": over, "weights_bitwise_equal": same,
+            "noise_scale": results["measure_noise"][-1].noise_scale}
+
+
+def noise_table(res: dict[str, Any]) -> str:
+    lines = ["| contender | CPU ms per window, median | overhead vs off: median | IQR | min - max |",
+             "|---|---:|---:|---|---|"]
+    for name, o in [("off", None), *res["overhead"].items()]:
+        w = res["window_cpu_ms"].get(name, res["window_cpu_ms"]["measure_noise"])
+        cells = ("(baseline)", "", "") if o is None else (
+            f"{o['median']:+.2%}", f"{o['q1']:+.2%} - {o['q3']:+.2%}", f"{o['min']:+.1%} - {o['max']:+.1%}")
+        lines.append(f"| {name} | {w['median']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(res: dict[str, Any]) -> str:
     """Markdown table of a ``run()`` result."""
     lines = [
@@ -224,12 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64, help="longest sequence (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--noise", action="store_true",
+                   help="measure_noise on vs off instead (3-layer GPT-2, thread CPU time, A/A control); "
+                        "--rounds defaults to 120 there")
     p.add_argument(
         "--write-docs",
         action="store_true",
         help="also store the result in docs/benchmarks.json and its table in docs/benchmarks.md",
     )
     a = p.parse_args(argv)
+    if a.noise:
+        nres = run_noise(rounds=a.rounds if a.rounds != 40 else 120, k=a.k, micro_batch=a.micro_batch)
+        print(json.dumps(nres, indent=2) if a.json else noise_table(nres))
+        return 0 if nres["weights_bitwise_equal"] else 1
     res = run(
         rounds=a.rounds,
         warmup=a.warmup,

@@ -170,6 +170,7 @@ class WindowEngine:
         self._reduction = reduction
         self._noise = noise
         self._grads = WindowGrads(model, optimizer, grad_dtype, reduction)
+        self._probe_cache: dict[Any, Any] = {}  # measure_noise: buffers kept from window to window
         # Counters (state_dict) and the open window.
         self.step_count = 0
         self.skipped_steps = 0
@@ -183,7 +184,7 @@ class WindowEngine:
         self._applying = False  # inside our own optimizer.step()/zero_grad()
 
     def _new_window(self) -> Window:
-        return Window(probe=NormProbe() if self._noise is not None else None)
+        return Window(probe=NormProbe(self._probe_cache) if self._noise is not None else None)
 
     def _reset_window(self) -> None:
         self._window.close()

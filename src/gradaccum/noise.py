@@ -37,7 +37,8 @@ own share and one all-reduce (appended to the one the window already does) gives
 rank the same numbers, hence the same noise scale. No collective is called here.
 
 Across windows: noise_scale = EMA(tr Σ) / EMA(|G|²), a ratio of EMAs. Single-window
-estimates of |G|² are often negative, so a ratio per window would be unusable. The
+estimates of |G|² are often negative, so a ratio per window would be unusable. Its 90%
+error bar (:meth:`NoiseScale.interval`) comes from the windows' spread. The
 result is in items (samples or tokens, whatever num_items counts); `critical_batch`
 converts it to examples.
 """
