@@ -254,6 +254,36 @@ def test_grad_dtype_buffers_counted() -> None:
     assert prof.state_bytes == prof.param_bytes + prof.grad_bytes + prof.optimizer_state_bytes + 4 * numel
 
 
+def test_noise_probe_sums_counted() -> None:
+    """measure_noise holds the window's gradient sums apart from p.grad: the plan counts one more
+    gradient of every parameter without a grad_dtype buffer (those keep their norms in hooks),
+    what the Accumulator's first window really adds at its peak, to a few scalars."""
+    model = make_mlp()
+    prof = memory.profile_memory(model, mlp_loss, mlp_batch, measure_sizes=(1, 2), measure_noise=True)
+    numel = sum(p.numel() for p in model.parameters())
+    assert prof.accum_buffer_bytes == 4 * numel
+    peaks = []
+    for noise in (False, True):
+        m = make_mlp()
+        acc = ga.Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.1), accum_steps=3, measure_noise=noise)
+        with memory.PeakTracker() as t:
+            acc.step([mlp_batch(4) for _ in range(3)], mlp_loss)
+        peaks.append(t.peak_bytes)
+    # one gradient, plus the micro-batches' norms (a few scalars: under the planner's 10% margin)
+    assert prof.accum_buffer_bytes <= peaks[1] - peaks[0] <= prof.accum_buffer_bytes + 1024
+    plain = memory.profile_memory(model, mlp_loss, mlp_batch, measure_sizes=(1, 2))
+    assert plain.accum_buffer_bytes == 0
+    low = make_mlp().to(torch.bfloat16)
+    both = memory.profile_memory(low, _bf16_loss, mlp_batch, grad_dtype=torch.float32, measure_sizes=(1, 2),
+                                 measure_noise=True)
+    assert both.accum_buffer_bytes == 4 * numel  # the fp32 buffers only: no probe copy on top
+
+
+def _bf16_loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    x, y = b
+    return F.cross_entropy(m(x.to(torch.bfloat16)).float(), y, reduction="sum"), y.numel()
+
+
 def test_callers_model_untouched() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Dropout(0.5), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))

@@ -215,12 +215,20 @@ def _measure_state(
     return _StateBytes(param_bytes, buffer_bytes, grad_bytes, optimizer_state_bytes, second.peak_bytes)
 
 
-def _accum_buffer_bytes(params: list[nn.Parameter], grad_dtype: torch.dtype | None) -> int:
-    """Bytes of gradaccum's grad_dtype buffers: one per parameter not already in that dtype."""
-    if grad_dtype is None:
-        return 0
-    itemsize = torch.empty((), dtype=grad_dtype).element_size()
-    return sum(p.numel() * itemsize for p in params if p.dtype != grad_dtype)
+def _accum_buffer_bytes(params: list[nn.Parameter], grad_dtype: torch.dtype | None,
+                        measure_noise: bool = False) -> int:
+    """Bytes of gradaccum's buffers: the grad_dtype buffers (one per parameter not already in
+    that dtype) and, with ``measure_noise``, the noise probe's window sums (one more gradient of
+    every parameter without such a buffer: its per-micro-batch norms need the sum held apart)."""
+    buffered = 0
+    if grad_dtype is not None:
+        itemsize = torch.empty((), dtype=grad_dtype).element_size()
+        buffered = sum(p.numel() * itemsize for p in params if p.dtype != grad_dtype)
+    probe = 0
+    if measure_noise:
+        probe = sum(p.numel() * p.element_size() for p in params
+                    if grad_dtype is None or p.dtype == grad_dtype)
+    return buffered + probe
 
 
 def _measure_samples(
@@ -256,6 +264,7 @@ def profile_memory(
     optimizer_factory: OptimizerFactory = adamw,
     grad_dtype: torch.dtype | None = None,
     measure_sizes: Sequence[int] = DEFAULT_MEASURE_SIZES,
+    measure_noise: bool = False,
 ) -> MemoryProfile:
     """Measure state and per-micro-batch costs on a deep copy of ``model`` (on its device).
 
@@ -277,7 +286,7 @@ def profile_memory(
         params = _trainable(work)
         optimizer = optimizer_factory(work.parameters())
         state = _measure_state(work, params, optimizer, loss_fn, make_batch, sizes[0], device)
-        accum_bytes = _accum_buffer_bytes(params, grad_dtype)
+        accum_bytes = _accum_buffer_bytes(params, grad_dtype, measure_noise)
         # Gradients stay populated from the step above: later micro-batches of a window
         # run with gradients present, and that is the peak the plan must cover.
         samples, trackers = _measure_samples(work, loss_fn, make_batch, sizes, device)

@@ -178,6 +178,7 @@ def plan(
     margin: float = DEFAULT_MARGIN,
     measure_sizes: Sequence[int] = DEFAULT_MEASURE_SIZES,
     broadcast: bool = True,
+    measure_noise: bool = False,
 ) -> Plan:
     """Measure ``model`` and return the largest micro-batch that fits ``budget_bytes``.
 
@@ -192,6 +193,7 @@ def plan(
             taken on a copy to measure its state.
         world_size: ranks sharing the effective batch (default: torch.distributed's, or 1).
         grad_dtype: as passed to ``Accumulator`` (adds its accumulation buffers).
+        measure_noise: as passed to ``Accumulator`` (adds the noise probe's window sums).
         margin: safety margin multiplied onto the predicted peak (default 10%).
         broadcast: under torch.distributed (more than one rank) this call is
             collective: the budget is the minimum over ranks, rank 0 measures and
@@ -208,7 +210,7 @@ def plan(
     budget = budget_or_default(budget_bytes, device)
     if not distributed:
         prof = _profile_for(model, loss_fn, make_batch, optimizer_factory, grad_dtype, measure_sizes,
-                            effective_batch, world_size)
+                            effective_batch, world_size, measure_noise)
         return plan_from_profile(prof, effective_batch, budget, world_size, margin)
 
     budget = sync.min_over_ranks(budget)
@@ -216,7 +218,7 @@ def plan(
     if sync.rank() == 0:
         try:
             prof = _profile_for(model, loss_fn, make_batch, optimizer_factory, grad_dtype, measure_sizes,
-                                effective_batch, world_size)
+                                effective_batch, world_size, measure_noise)
             result = plan_from_profile(prof, effective_batch, budget, world_size, margin)
         except Exception as e:  # noqa: BLE001 - every rank must learn that planning failed
             result = e
@@ -226,6 +228,7 @@ def plan(
 def _profile_for(
     model: nn.Module, loss_fn: LossFn, make_batch: MakeBatch, optimizer_factory: OptimizerFactory,
     grad_dtype: torch.dtype | None, measure_sizes: Sequence[int], effective_batch: int, world_size: int,
+    measure_noise: bool = False,
 ) -> MemoryProfile:
     # Measuring far beyond the largest candidate would waste time (and on a GPU could
     # run out of memory), so cap the sizes, keeping at least two.
@@ -233,7 +236,7 @@ def _profile_for(
     sizes = [s for s in sorted(set(measure_sizes)) if s <= top]
     if len(sizes) < 2:
         sizes = [1, 2]
-    return profile_memory(model, loss_fn, make_batch, optimizer_factory, grad_dtype, sizes)
+    return profile_memory(model, loss_fn, make_batch, optimizer_factory, grad_dtype, sizes, measure_noise)
 
 
 # --------------------------------------------------------------------------- analytic planning

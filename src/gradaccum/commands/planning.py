@@ -36,16 +36,18 @@ def worst_case_batches(work: Workload) -> Any:
 
 
 def plan(spec: WorkloadSpec, work: Workload, effective_batch: int, memory_budget: int | None,
-         world_size: int | None = None) -> memory.Plan:
+         world_size: int | None = None, measure_noise: bool = True) -> memory.Plan:
     """The memory plan for this workload (collective under torch.distributed): measured, or
-    analytic under --fsdp (one process cannot measure a sharded run)."""
+    analytic under --fsdp (one process cannot measure a sharded run). ``measure_noise``: train
+    measures the noise scale (its default; not under --fsdp), which holds one more gradient."""
     try:
         if spec.fsdp:
             world = world_size or sync.world_size()
             return analytic_plan(spec, work.model, effective_batch, longest_example(work), world,
                                  budget_bytes(memory_budget))[0]
         return memory.plan(work.model, work.loss_fn, worst_case_batches(work), effective_batch,
-                           budget_bytes=memory_budget, grad_dtype=work.grad_dtype, world_size=world_size)
+                           budget_bytes=memory_budget, grad_dtype=work.grad_dtype, world_size=world_size,
+                           measure_noise=measure_noise)
     except memory.BudgetTooSmall as e:
         raise BadInput(f"--memory-budget {memory.format_bytes(e.budget_bytes)}: {e}") from None
     except ValueError as e:  # e.g. an effective batch that does not divide over --world-size

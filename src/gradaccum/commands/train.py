@@ -178,7 +178,8 @@ def _micro_batch(opts: argparse.Namespace, spec: WorkloadSpec, work: Workload) -
     if micro == "auto":
         from gradaccum import memory
 
-        p = planning.plan(spec, work, opts.effective_batch, opts.memory_budget)
+        p = planning.plan(spec, work, opts.effective_batch, opts.memory_budget,
+                          measure_noise=not opts.no_noise_scale and not spec.fsdp)
         chosen, why = int(p.micro_batch), "the largest that fits"
         if device().type == "cpu" and not spec.fsdp:
             chosen = planning.fastest_that_fits(work, p)
