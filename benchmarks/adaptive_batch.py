@@ -118,6 +118,7 @@ class Arm:
     lr: float
     kind: str = "fixed"  # fixed | auto | warmup
     max_batch: int = 0
+    lr_rule: str = "sqrt"  # how the lr follows a growing batch: sqrt | none
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def train_arm(arm: Arm, seed: int, budget: Budget) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     steps, tokens, next_eval, t0 = 0, 0, 0, time.perf_counter()
     curve: list[tuple[int, int, float]] = []  # (steps, tokens, held-out loss)
-    batch = arm.batch
+    batch, grown = arm.batch, []
     while tokens < budget.max_tokens:
         if tokens >= next_eval:
             curve.append((steps, tokens, held_out_loss(model, held)))
@@ -157,13 +158,16 @@ def train_arm(arm: Arm, seed: int, budget: Budget) -> dict[str, Any]:
         steps, tokens = steps + 1, tokens + res.num_items
         new = _next_batch(arm, auto, acc, res, batch, tokens, budget)
         if new != batch:
-            scale_lr(opt, sched, math.sqrt(new / batch))  # the square-root rule, auto's default for AdamW
+            # the square-root rule, auto's default for AdamW
+            scale_lr(opt, sched, math.sqrt(new / batch) if arm.lr_rule == "sqrt" else 1.0)
             batch = new
+            grown.append((steps, tokens, batch))
             acc.accum_steps = batch // MICRO
     reached = _crossing(curve, budget.target)
     return {"arm": arm.name, "seed": seed, "lr": arm.lr, "reached": reached is not None,
             "steps": reached[0] if reached else None, "tokens": reached[1] if reached else None,
-            "final_batch": batch, "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
+            "final_batch": batch, "grown": grown, "seconds": round(time.perf_counter() - t0, 1),
+            "curve": curve}
 
 
 def _next_batch(arm: Arm, auto: AdaptiveBatch | None, acc: ga.Accumulator, res: ga.StepResult, batch: int,
@@ -197,7 +201,8 @@ def run(seeds: int, batches: tuple[int, ...], lr_grid: tuple[float, ...], base_l
         tuned = list(pool.map(train_arm, tuning, [0] * len(tuning), [budget] * len(tuning)))
         best = {}
         for arm, r in zip(tuning, tuned, strict=True):
-            key = (r["tokens"] if r["reached"] else math.inf, -r["curve"][-1][2] if not r["reached"] else 0)
+            # fewest tokens to the target; among arms that never reached it, the lowest final loss
+            key = (r["tokens"] if r["reached"] else math.inf, 0 if r["reached"] else r["curve"][-1][2])
             if arm.batch not in best or key < best[arm.batch][0]:
                 best[arm.batch] = (key, arm, r)
         arms = [best[b][1] for b in batches]

@@ -333,7 +333,8 @@ def _critical_line(critical: float, low: float | None, high: float | None, batch
                    "fewer examples, at the price of more optimizer steps")
     elif low is not None and batch < 0.5 * low:
         verdict = ("well below it: a larger batch (more accumulation steps) would need fewer optimizer steps "
-                   "for the same examples; try --effective-batch auto")
+                   "for about the same examples; --effective-batch auto grows it, worth it when optimizer "
+                   "steps (not examples) are what cost you")
     elif low is not None and 0.5 * batch <= low and top <= 2 * batch:
         verdict = "close to it: a good trade between examples and optimizer steps"
     else:
