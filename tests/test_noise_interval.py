@@ -152,3 +152,13 @@ def test_coverage_on_other_problems_and_noise_levels() -> None:
         g2, trace = truth(grads)
         hits = sum(_covered(s, grads, trace / g2, [4] * 8, 120) for s in range(200))
         assert hits >= 0.85 * 200, (dim, hits)
+
+
+def test_the_plot_shades_the_critical_batch_interval(tmp_path: Any) -> None:
+    from gradaccum.plots import plot_losses
+
+    rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "grad_norm": 1.0, "skipped": False, "effective_batch": 8,
+             "critical_batch": 10.0 + s, "critical_batch_low": 5.0 + s if s > 2 else None,
+             "critical_batch_high": (20.0 + s) if s > 4 else None} for s in range(1, 9)]
+    plot_losses(rows, tmp_path / "loss.png")  # unbounded and unknown ends are left unshaded
+    assert (tmp_path / "loss.png").stat().st_size > 0
