@@ -145,7 +145,6 @@ def test_the_90_percent_interval_covers_the_true_noise_scale(sizes: list[int]) -
     assert hits >= 85, hits
 
 
-@pytest.mark.slow
 def test_coverage_on_other_problems_and_noise_levels() -> None:
     for seed, dim in ((1, 4), (2, 32)):
         grads = least_squares_grads(seed=seed, dim=dim)
