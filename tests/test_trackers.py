@@ -368,8 +368,8 @@ def test_sigkill_then_resume_never_sends_a_step_twice(offline: Path) -> None:
     for tool, got in (("tensorboard", tensorboard_scalars(out)), ("mlflow", metrics)):
         steps = [s for s, _ in got["loss"]]
         assert len(steps) == len(set(steps)), tool  # never twice
-        # every step after the checkpoint resumed from; before it, a kill between that checkpoint
-        # and its send may have kept its last batch (saved - 4 .. saved) from the tracker
-        assert set(range(1, saved - 4)) | set(range(saved + 1, 41)) <= set(steps), tool
+        # sent live: a kill between trackers.json's record and the send loses that one step
+        # (never sends it twice); every other step is there
+        assert len(set(range(1, 41)) - set(steps)) <= 1, tool
         kept = [{"step": x["step"], "loss": x["loss"]} for x in rows if x["step"] in steps]
         check_every_step_once(got, kept, tool, rel=1e-6)
