@@ -135,19 +135,19 @@ def check(model: nn.Module, loss_fn: LossFn, batch: Any, micro_batch_size: int =
         sums, doubled = _check_sum_reduction(model, loss_fn, batch)
         full, items, whole = _full_batch_grads(model, loss_fn, batch, params)
         accumulated, per_micro, parts = _accumulated_grads(model, loss_fn, micro, params)
-        coupled = non_additive(whole, parts, doubled, _tolerance(params))
+        tol = _tolerance(params)
+        coupled = non_additive(whole, parts, doubled, tol)
         if coupled:  # the loss_sum-doubling and gradient findings' advice would not fix it
             found.append(Finding("error", "non-additive-loss", coupled))
             sums = [f for f in sums if not f.message.startswith("loss_sum")]
-        found += sums
-        found += _check_items(per_micro, items)
+        found += sums + _check_items(per_micro, items)
         unused = [n for (n, _), g in zip(named, full, strict=True) if g is None] if items > 0 else []
         if unused:
             found.append(Finding("warning", "unused-parameters", (
                 f"{len(unused)} trainable parameter(s) get no gradient (e.g. '{unused[0]}'): under DDP pass "
                 "find_unused_parameters=True, or freeze them")))
         if items > 0:
-            report.tolerance = _tolerance(params)
+            report.tolerance = tol
             report.gradient_rel_error = _rel_error(accumulated, full)
             if not report.gradient_rel_error <= report.tolerance and not coupled:
                 found.append(Finding("error", "gradient-mismatch", (
@@ -288,8 +288,7 @@ def _full_batch_grads(
 def _accumulated_grads(
     model: nn.Module, loss_fn: LossFn, micro: list[Any], params: list[nn.Parameter]
 ) -> tuple[list[torch.Tensor | None], list[float], list[float]]:
-    """What gradaccum computes: Σ ∇loss_sum_i / Σ num_items_i (in the parameters' dtype); the
-    micro-batches' item counts and loss_sums."""
+    """Σ ∇loss_sum_i / Σ num_items_i as gradaccum computes it; the micro-batches' counts and loss_sums."""
     total: list[torch.Tensor | None] = [None] * len(params)
     per_micro, losses = [], []
     for mb in micro:

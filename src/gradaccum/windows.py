@@ -89,11 +89,12 @@ class WindowRunner:
         examples, so nothing is lost or counted twice and the effective batch stays.
         """
         while True:
-            result = self._window(acc, model, self.groups(position, shape))
+            groups = self.groups(position, shape)
+            result = self._window(acc, model, groups)
             if result is not None:
                 return result
             if self.settings.micro_batch_tokens is not None:
-                self._halve_token_budget(self.groups(position, shape), step)
+                self._halve_token_budget(groups, step)
                 continue
             smaller = next_smaller_micro_batch(shape.per_rank, shape.micro_batch)
             if smaller is None:

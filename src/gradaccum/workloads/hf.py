@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradaccum import losses
 from gradaccum.errors import one_line
 from gradaccum.workloads.errors import WorkloadError
 from gradaccum.workloads.files import TOKENIZER_FILES, check_model_dir  # noqa: F401 - public here too
+from gradaccum.workloads.packing import lm_loss
 
 """Any one of these marks a directory that has a tokenizer."""
 
@@ -220,10 +220,4 @@ def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     transformers versions count one extra label per sequence). ``causal_lm`` sums in
     float32 or wider and counts exactly.
     """
-    device = next(model.parameters()).device
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        use_cache=False,
-    )
-    return losses.causal_lm(out.logits, batch["labels"].to(device))
+    return lm_loss(model, batch)  # one forward for padded and packed batches

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gradaccum import losses
+from gradaccum._decoder import model_dtype
 from gradaccum.batching import pack
 from gradaccum.workloads.errors import WorkloadError
 
@@ -61,28 +62,27 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], per: str = "token"
     Labels are not passed to the model (its own loss is a mean). A packed batch's 4-D
     mask is cast to the model's dtype here, so one packed batch serves every precision.
     """
-    device = next(model.parameters()).device
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
-    position_ids = batch.get("position_ids")
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids.to(device)
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        kwargs["attention_mask"] = _as_dtype(mask.to(device), _compute_dtype(model)) if mask.dim() == 4 \
-            else mask.to(device)
+    kwargs = model_inputs(model, batch)
     logits = model(**kwargs).logits
-    labels = batch["labels"].to(device)
+    labels = batch["labels"].to(logits.device)
     if per == "sequence":
-        pos = position_ids.to(device) if position_ids is not None else None
-        return losses.causal_lm(logits, labels, per="sequence", position_ids=pos)
+        return losses.causal_lm(logits, labels, per="sequence", position_ids=kwargs.get("position_ids"))
     return losses.causal_lm(logits, labels)
 
 
-def _compute_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The forward's arguments of a padded or packed batch, on the model's device, labels left
+    out; a 4-D mask in the model's dtype; no KV cache (transformers finds packed examples from
+    ``position_ids`` only without one)."""
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"].to(device)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = mask.to(device)
+        kwargs["attention_mask"] = _as_dtype(mask, model_dtype(model)) if mask.dim() == 4 else mask
+    return kwargs
 
 
 def _as_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,11 +119,7 @@ def leaks(model: nn.Module, vocab_size: int, attention: str) -> bool:
 
 def lm_logits(model: nn.Module, batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
     """Logits of a packed row from position ``start`` on, in eval mode (no dropout)."""
-    device = next(model.parameters()).device
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device),
-                              "position_ids": batch["position_ids"].to(device), "use_cache": False}
-    if "attention_mask" in batch:
-        kwargs["attention_mask"] = _as_dtype(batch["attention_mask"].to(device), _compute_dtype(model))
+    kwargs = model_inputs(model, batch)
     was = model.training
     model.eval()
     try:

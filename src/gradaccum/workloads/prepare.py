@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gradaccum import sync
+from gradaccum.batching import example_length
 from gradaccum.workloads import hf, lora, packing
 from gradaccum.workloads.build import Workload, build_workload
 from gradaccum.workloads.errors import WorkloadError
@@ -124,7 +125,7 @@ def _batching(work: Workload, spec: WorkloadSpec) -> None:
 
 def longest_example(work: Workload) -> int:
     """Tokens in the longest training example (the planner's worst case)."""
-    return max(len(ex[0]) for ex in work.dataset)
+    return max(example_length(ex) for ex in work.dataset)
 
 
 def _say_truncated(work: Workload) -> None:
